@@ -1,0 +1,56 @@
+# Every target bootstraps what it needs: a local virtual environment (.venv) and, for real data,
+# the Debian package dataset-fashion-mnist.
+VENV      ?= .venv
+PYTHON    ?= python3
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+FMNIST    := /usr/share/datasets/fashion-mnist
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ARGS      ?=
+
+.PHONY: help venv data train test test-fast lint format bench clean
+
+help:
+	@echo "make train   pretrain resnet18 with MCL (3 levels) on Fashion-MNIST, CPU-sized; ARGS='key=value ...'"
+	@echo "make test    run the test suite (CPU)"
+	@echo "make lint    ruff check"
+	@echo "make bench   FLOPs and step-time ratios of levels 1..4 -> benchmarks/results/cost.json"
+	@echo "make clean   remove the venv, outputs and caches"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip<26.2"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+data: $(FMNIST)/train-images-idx3-ubyte.gz
+
+$(FMNIST)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get install -y dataset-fashion-mnist || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
+
+train: venv data
+	$(VENV)/bin/mcl-train $(ARGS)
+
+test: venv data
+	$(PY) -m pytest $(ARGS)
+
+test-fast: venv data
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: venv
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+bench: venv
+	$(PY) benchmarks/cost.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun lightning_logs wandb .pytest_cache .ruff_cache build src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""Multi-Level Contrastive Learning."""

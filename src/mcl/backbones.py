@@ -1,0 +1,54 @@
+"""timm backbones that return the C2..C5 stages (strides 4, 8, 16, 32) as NCHW tensors (SPEC §2, §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+PYRAMID_STRIDES = (4, 8, 16, 32)
+
+# A Swin small enough for CPU tests: same family and code path as swin_tiny, a fraction of the width and depth.
+SWIN_TEST_KWARGS = {"embed_dim": 24, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 3, 4)}
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "swin_tiny": ("swin_tiny_patch4_window7_224", {}),
+    "swin_test": ("swin_tiny_patch4_window7_224", SWIN_TEST_KWARGS),
+}
+
+
+class Backbone(nn.Module):
+    """A timm model in ``features_only`` mode returning ``[C2, C3, C4, C5]``, each ``(B, C_k, H/s_k, W/s_k)``.
+
+    Swin returns NHWC feature maps; they are permuted to NCHW here so that every consumer sees NCHW.
+    """
+
+    def __init__(self, name: str = "resnet18", image_size: int = 224, pretrained: bool = False, **kwargs: Any):
+        super().__init__()
+        timm_name, alias_kwargs = ALIASES.get(name, (name, {}))
+        kwargs = {**alias_kwargs, **kwargs}
+        self.name = name
+        self.is_swin = timm_name.startswith("swin")
+        if self.is_swin:
+            kwargs.setdefault("img_size", image_size)
+        probe = timm.create_model(timm_name, pretrained=False, features_only=True, **kwargs)
+        reductions = probe.feature_info.reduction()
+        missing = [s for s in PYRAMID_STRIDES if s not in reductions]
+        if missing:
+            raise ValueError(f"backbone {name!r} has no feature stages at strides {missing}; MCL needs C2..C5")
+        out_indices = tuple(reductions.index(s) for s in PYRAMID_STRIDES)
+        self.model = timm.create_model(
+            timm_name, pretrained=pretrained, features_only=True, out_indices=out_indices, **kwargs
+        )
+        self.channels: list[int] = list(self.model.feature_info.channels())
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self.model(images)
+        if self.is_swin:
+            features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
+        return features
+
+    def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """Globally average-pooled C5, ``(B, C5)``: the feature the kNN monitor and linear probe use."""
+        return self(images)[-1].mean(dim=(2, 3))

@@ -1,0 +1,94 @@
+"""View generation on uint8 ``(C, H, W)`` tensors with torchvision.transforms.v2 (SPEC §6)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def byol_view(
+    image_size: int,
+    blur_p: float,
+    solarize_p: float,
+    min_scale: float = 0.2,
+    jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+    jitter_p: float = 0.8,
+    grayscale_p: float = 0.2,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """One side of BYOL's asymmetric augmentation; the blur kernel is ~10% of the image, as at 224 px (23)."""
+    kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p),
+            v2.RandomGrayscale(p=grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+            v2.RandomSolarize(threshold=128, p=solarize_p),
+            *_normalize(mean, std),
+        ]
+    )
+
+
+def supervised_view(
+    image_size: int,
+    min_scale: float = 0.08,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """The plain supervised recipe: random resized crop and flip."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_normalize(mean, std),
+        ]
+    )
+
+
+def eval_view(
+    image_size: int,
+    crop_fraction: float = 224 / 256,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """Resize the short side to ``image_size / crop_fraction``, centre-crop ``image_size``."""
+    return v2.Compose(
+        [
+            v2.Resize(round(image_size / crop_fraction), antialias=True),
+            v2.CenterCrop(image_size),
+            *_normalize(mean, std),
+        ]
+    )
+
+
+class MultiView:
+    """Apply a list of per-view transforms to one image and stack the results.
+
+    With ``sides`` ``[view_a, view_b]`` and ``views_per_side`` S the output is ``(2, S, C, H, W)``; with one side
+    and ``squeeze_sides`` it is ``(S, C, H, W)`` (the supervised variant).
+    """
+
+    def __init__(self, sides: Sequence[Callable], views_per_side: int, squeeze_sides: bool = False):
+        if views_per_side < 1:
+            raise ValueError(f"views_per_side={views_per_side} is invalid: it must be at least 1")
+        self.sides = list(sides)
+        self.views_per_side = views_per_side
+        self.squeeze_sides = squeeze_sides
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        views = torch.stack(
+            [torch.stack([side(image) for _ in range(self.views_per_side)]) for side in self.sides]
+        )
+        return views[0] if self.squeeze_sides else views

@@ -1,0 +1,209 @@
+"""LightningDataModules. Training batches carry augmented views only; montages are assembled on the device by the
+LightningModule after the batch is transferred.
+
+Validation has two labelled loaders for the kNN monitor: the bank (a training subset) and the validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from mcl.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiView, byol_view, eval_view, supervised_view
+from mcl.data.sources import (
+    FASHION_MNIST_ROOT,
+    ImageFolderImages,
+    MissingDatasetError,
+    TensorImages,
+    load_fashion_mnist,
+    synthetic_images,
+)
+
+VIEW_MODES = ("byol", "supervised")
+# BYOL's asymmetric sides: Gaussian blur and solarisation probabilities for side A and side B.
+BLUR_P = (1.0, 0.1)
+SOLARIZE_P = (0.0, 0.2)
+
+
+class Transformed(Dataset):
+    """``(image, label)`` -> ``(transform(image), label)``."""
+
+    def __init__(self, dataset: Dataset, transform: Callable):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def fixed_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """A deterministic random subset of ``size`` items (all of them when ``size`` is None or not smaller)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    if size < 1:
+        raise ValueError(f"a subset size of {size} is invalid: it must be at least 1 (or null for all)")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:size].sort().values.tolist())
+
+
+class MultiLevelDataModule(pl.LightningDataModule):
+    """Base datamodule: subclasses return raw ``(train, bank, val)`` sources from :meth:`sources`.
+
+    Args:
+        image_size: view size ``H`` (a multiple of 32).
+        views_per_side: views per image and augmentation side, one per montage level.
+        view_mode: ``"byol"`` (two asymmetric sides, ``(2, S, C, H, W)`` per image) or ``"supervised"``
+            (``(S, C, H, W)``).
+        train_size / bank_size / val_size: fixed random subsets (null for all).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        views_per_side: int = 3,
+        view_mode: str = "byol",
+        train_size: int | None = None,
+        bank_size: int | None = 5000,
+        val_size: int | None = 2000,
+        eval_batch_size: int = 256,
+        min_scale: float = 0.2,
+        jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if view_mode not in VIEW_MODES:
+            raise ValueError(f"data.view_mode={view_mode!r} is invalid: use one of {VIEW_MODES}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} is invalid: it must be at least 1")
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.views_per_side = views_per_side
+        self.view_mode = view_mode
+        self.train_size, self.bank_size, self.val_size = train_size, bank_size, val_size
+        self.eval_batch_size = eval_batch_size
+        self.augment: dict[str, Any] = {
+            "min_scale": min_scale,
+            "jitter": tuple(jitter),
+            "jitter_p": jitter_p,
+            "grayscale_p": grayscale_p,
+        }
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.seed = seed
+        self.train_set: Dataset | None = None
+
+    # Subclasses implement this.
+    def sources(self) -> tuple[Dataset, Dataset, Dataset]:
+        raise NotImplementedError
+
+    def train_transform(self) -> MultiView:
+        if self.view_mode == "supervised":
+            side = supervised_view(self.image_size, mean=self.mean, std=self.std)
+            return MultiView([side], self.views_per_side, squeeze_sides=True)
+        sides = [
+            byol_view(self.image_size, blur, solarize, mean=self.mean, std=self.std, **self.augment)
+            for blur, solarize in zip(BLUR_P, SOLARIZE_P, strict=True)
+        ]
+        return MultiView(sides, self.views_per_side)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, bank, val = self.sources()
+        train = fixed_subset(train, self.train_size, self.seed)
+        bank = fixed_subset(bank, self.bank_size, self.seed + 1)
+        val = fixed_subset(val, self.val_size, self.seed + 2)
+        for name, dataset in (("training", train), ("kNN bank", bank), ("validation", val)):
+            if len(dataset) == 0:
+                raise MissingDatasetError(f"the {name} set of {type(self).__name__} is empty")
+        if len(train) < self.batch_size:
+            raise ValueError(
+                f"the training set has {len(train)} images, fewer than data.batch_size={self.batch_size}: "
+                "lower the batch size or use more data"
+            )
+        evaluate = eval_view(self.image_size, mean=self.mean, std=self.std)
+        self.train_set = Transformed(train, self.train_transform())
+        self.bank_set = Transformed(bank, evaluate)
+        self.val_set = Transformed(val, evaluate)
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            self._loader(self.bank_set, self.eval_batch_size, train=False),
+            self._loader(self.val_set, self.eval_batch_size, train=False),
+        ]
+
+
+class FashionMNISTDataModule(MultiLevelDataModule):
+    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``, as 3-channel images upscaled by the views."""
+
+    num_classes = 10
+
+    def __init__(self, root: str = FASHION_MNIST_ROOT, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.root = root
+
+    def sources(self) -> tuple[Dataset, Dataset, Dataset]:
+        train = TensorImages(*load_fashion_mnist(self.root, "train"))
+        test = TensorImages(*load_fashion_mnist(self.root, "test"))
+        return train, train, test
+
+
+class ImageFolderDataModule(MultiLevelDataModule):
+    """Any ImageFolder-style tree, e.g. ImageNet: ``train_dir/<class>/*.JPEG`` and ``val_dir/<class>/*.JPEG``."""
+
+    def __init__(self, train_dir: str, val_dir: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.train_dir, self.val_dir = Path(train_dir), Path(val_dir)
+
+    @property
+    def num_classes(self) -> int:
+        return len(ImageFolderImages(self.train_dir).folder.classes)
+
+    def sources(self) -> tuple[Dataset, Dataset, Dataset]:
+        train = ImageFolderImages(self.train_dir)
+        return train, train, ImageFolderImages(self.val_dir)
+
+
+class SyntheticDataModule(MultiLevelDataModule):
+    """Class-structured random images, for tests and smoke runs without any data on disk."""
+
+    def __init__(self, num_train: int = 64, num_val: int = 32, num_classes: int = 4, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.num_train, self.num_val, self.num_classes = num_train, num_val, num_classes
+
+    def sources(self) -> tuple[Dataset, Dataset, Dataset]:
+        size = self.image_size
+        train = TensorImages(*synthetic_images(self.num_train, self.num_classes, size, self.seed, noise_seed=0))
+        val = TensorImages(*synthetic_images(self.num_val, self.num_classes, size, self.seed, noise_seed=1))
+        return train, train, val

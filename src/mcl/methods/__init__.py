@@ -1,0 +1,6 @@
+"""LightningModules: one small file per method on top of :mod:`mcl.methods.base`."""
+
+from mcl.methods.base import MultiLevelModule
+from mcl.methods.mcl import MCL
+
+__all__ = ["MCL", "MultiLevelModule"]

@@ -1,0 +1,228 @@
+"""What the self-supervised and supervised multi-level methods share: the montage -> backbone -> pyramid -> tile
+head path, the optimiser and schedule, the kNN monitor and the checks on their configuration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcl.backbones import PYRAMID_STRIDES, Backbone
+from mcl.distributed import gather_batch
+from mcl.heads import TileHead, split_tiles
+from mcl.knn import knn_top1
+from mcl.loss import level_weights as resolve_level_weights
+from mcl.montage import DOWNSCALE_MODES, assemble_montage, check_levels
+from mcl.montage import montage_counts as count_montages
+from mcl.optim import parameter_groups, scaled_lr, warmup_cosine
+from mcl.pyramid import build_neck
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+def check_image_size(image_size: int) -> int:
+    stride = PYRAMID_STRIDES[-1]
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < stride or image_size % stride:
+        raise ValueError(
+            f"image_size={image_size!r} is invalid: it must be a positive multiple of {stride}, so that every montage "
+            f"cell covers a whole tile of its pyramid map (e.g. 64, 96, 224)"
+        )
+    return image_size
+
+
+def cell_features(
+    groups: Sequence[tuple[torch.Tensor, int]], backbone: Backbone, neck: nn.Module, head: TileHead
+) -> list[torch.Tensor]:
+    """Embed every cell of every montage group with one backbone pass and one head pass.
+
+    Args:
+        groups: ``(montages (M_g, C, H, W), level)`` pairs; all montages share ``H x W``.
+
+    Returns:
+        Per group, ``(M_g * 4**level, neck_channels)`` cell features in ``sources.flatten()`` order.
+    """
+    features = backbone(torch.cat([montages for montages, _ in groups]))
+    tiles, start = [], 0
+    for montages, level in groups:
+        stop = start + len(montages)
+        pyramid_map = neck.forward_level([f[start:stop] for f in features], level)
+        tiles.append(split_tiles(pyramid_map, 2**level))
+        start = stop
+    return list(head(torch.cat(tiles)).split([len(t) for t in tiles]))
+
+
+class MultiLevelModule(pl.LightningModule):
+    """Base LightningModule: network trunk, montages, optimisation and the kNN monitor.
+
+    Subclasses implement ``training_step``. Validation batches come from two loaders: the labelled kNN bank
+    (``dataloader_idx=0``) and the labelled validation split (``dataloader_idx=1``).
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        neck: dict[str, Any],
+        image_size: int = 64,
+        levels: int = 3,
+        montage_counts: str | Sequence[int] = "paper",
+        level_weights: str | Sequence[float] = "paper",
+        downscale_mode: str = "nearest",
+        head_convs: int = 4,
+        optimizer: OptimizerFactory | None = None,
+        warmup_epochs: float = 10.0,
+        min_lr: float = 1e-4,
+        lr_reference_batch: int | None = 256,
+        knn_k: int = 200,
+        knn_temperature: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.levels = check_levels(levels)
+        self.image_size = check_image_size(image_size)
+        if downscale_mode not in DOWNSCALE_MODES:
+            raise ValueError(f"downscale_mode={downscale_mode!r} is invalid: use one of {DOWNSCALE_MODES}")
+        self.montage_rule = montage_counts if isinstance(montage_counts, str) else list(montage_counts)
+        count_montages(self.montage_rule, 1, levels)
+        self.level_weights = resolve_level_weights(level_weights, levels)
+        self.downscale_mode = downscale_mode
+        self.optimizer_factory = optimizer
+        self.warmup_epochs = warmup_epochs
+        self.min_lr = min_lr
+        self.lr_reference_batch = lr_reference_batch
+        self.knn_k = knn_k
+        self.knn_temperature = knn_temperature
+        self.seed = seed
+
+        self.backbone = Backbone(**backbone, image_size=image_size)
+        neck = dict(neck)
+        self.neck = build_neck(neck.pop("name"), self.backbone.channels, **neck)
+        self.head = TileHead(self.neck.out_channels, head_convs)
+        self._generator: torch.Generator | None = None
+        self._knn_features: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+        self._knn_labels: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    # ----------------------------------------------------------------- montages
+    @property
+    def generator(self) -> torch.Generator:
+        """Montage randomness: seeded per rank so that ranks draw independent cell orders."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(self.seed * 1_000_003 + self.global_rank)
+        return self._generator
+
+    def montage_counts_for(self, batch_size: int) -> list[int]:
+        return count_montages(self.montage_rule, batch_size, self.levels)
+
+    def build_montages(self, views: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``views`` ``(B, levels, C, H, W)``, one view per level -> per level ``(montages, sources)``."""
+        counts = self.montage_counts_for(len(views))
+        return [
+            assemble_montage(views[:, level], level, counts[level], self.downscale_mode, self.generator)
+            for level in range(self.levels)
+        ]
+
+    def check_views(self, views: torch.Tensor, level_axis: int) -> None:
+        """Fail early when the data's views do not match the model (count per side, size)."""
+        if views.shape[level_axis] != self.levels:
+            raise ValueError(
+                f"the batch has {views.shape[level_axis]} views per side but levels={self.levels}; "
+                "set data.views_per_side to the level count (the default configs interpolate it)"
+            )
+        if views.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"batch views are {views.shape[-2]}x{views.shape[-1]} but the model was built for "
+                f"image_size={self.image_size}; set data.image_size and image_size alike"
+            )
+
+    # ---------------------------------------------------------------- features
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen-backbone features for the kNN monitor: pooled C5, ``(B, C5)``."""
+        return self.backbone.forward_pooled(images)
+
+    # -------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        for store in (self._knn_features, self._knn_labels):
+            store[0].clear()
+            store[1].clear()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        images, labels = batch
+        self._knn_features[dataloader_idx].append(F.normalize(self.pooled_features(images).float(), dim=1))
+        self._knn_labels[dataloader_idx].append(labels)
+        if dataloader_idx == 1:
+            self.validation_extra(images, labels)
+
+    def validation_extra(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Hook for method-specific validation metrics on the labelled validation split."""
+
+    @staticmethod
+    def _gathered(store: dict[int, list[torch.Tensor]], index: int) -> torch.Tensor:
+        return gather_batch(torch.cat(store[index]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._knn_features[0] or not self._knn_features[1]:
+            return
+        accuracy = knn_top1(
+            self._gathered(self._knn_features, 1),
+            self._gathered(self._knn_labels, 1),
+            self._gathered(self._knn_features, 0),
+            self._gathered(self._knn_labels, 0),
+            k=self.knn_k,
+            temperature=self.knn_temperature,
+        )
+        self.log("val/knn_top1", accuracy, prog_bar=True, rank_zero_only=True)
+        self.on_validation_epoch_start()
+
+    # ------------------------------------------------------------ optimisation
+    def global_batch_size(self) -> int:
+        trainer = self.trainer
+        loader = trainer.datamodule if trainer.datamodule is not None else None
+        per_device = getattr(loader, "batch_size", None)
+        if per_device is None:
+            raise RuntimeError("the datamodule must expose batch_size to scale the learning rate")
+        return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("optimizer is not set: pass a partial optimizer (e.g. the optimizer config group)")
+        base_lr = self.optimizer_factory.keywords.get("lr")
+        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        if base_lr is None:
+            raise ValueError("optimizer.lr is not set")
+        lr = scaled_lr(base_lr, self.global_batch_size(), self.lr_reference_batch)
+        if self.min_lr > lr:
+            raise ValueError(f"scheduler.min_lr={self.min_lr} is above the (scaled) learning rate {lr}")
+        optimizer = self.optimizer_factory(parameter_groups(self, weight_decay), lr=lr)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        warmup_steps = min(total_steps, math.ceil(self.warmup_epochs * steps_per_epoch))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, lr, self.min_lr) / lr
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Stop before the optimiser step on a non-finite loss, so the weights and the last checkpoint stay good."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step} (batch {batch_idx}); "
+                "the step was not applied and the last checkpoint is unchanged. Lower optimizer.lr, raise "
+                "scheduler.warmup_epochs or use 32-bit precision (trainer.precision=32-true)."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._generator is not None:
+            checkpoint["montage_generator_state"] = self._generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_generator_state = checkpoint.get("montage_generator_state")
+
+    def on_fit_start(self) -> None:
+        state = getattr(self, "_pending_generator_state", None)
+        if state is not None:
+            self.generator.set_state(state)

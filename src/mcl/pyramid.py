@@ -1,0 +1,67 @@
+"""Necks that turn C2..C5 into the 256-channel pyramid map each montage level reads (SPEC §2, §4).
+
+Montage level ``i`` reads pyramid level ``P(5-i)``: level 0 -> P5, 1 -> P4, 2 -> P3, 3 -> P2. A neck is asked for
+one level at a time and computes only what that level needs, so level-0 views never pay for P2..P4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
+
+NECKS = ("fpn", "interp")
+
+
+def pyramid_index(level: int) -> int:
+    """Index into ``[P2, P3, P4, P5]`` of the map that montage ``level`` reads."""
+    return 3 - level
+
+
+class PartialFPN(FeaturePyramidNetwork):
+    """torchvision's FPN with BatchNorm (P2..P5, no P6) that can compute a single output level.
+
+    ``forward_level(features, level)`` runs the top-down path only from C5 down to the level's map and applies only
+    that level's 3x3 output conv; ``forward`` (all levels) is torchvision's and gives the same maps.
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int = 256):
+        super().__init__(in_channels, out_channels, norm_layer=nn.BatchNorm2d)
+        self.out_channels = out_channels
+
+    def forward_level(self, features: list[torch.Tensor], level: int) -> torch.Tensor:
+        """``features`` ``[C2, C3, C4, C5]`` -> ``(B, out_channels, H/2**(5-level), W/2**(5-level))``."""
+        target = pyramid_index(level)
+        last = len(features) - 1
+        inner = self.get_result_from_inner_blocks(features[last], last)
+        for index in range(last - 1, target - 1, -1):
+            lateral = self.get_result_from_inner_blocks(features[index], index)
+            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+        return self.get_result_from_layer_blocks(inner, target)
+
+
+class InterpolationNeck(nn.Module):
+    """For single-level (C4-style) detectors: a 1x1 conv + BN on C5, bilinearly resized to the level's map size."""
+
+    def __init__(self, in_channels: list[int], out_channels: int = 256):
+        super().__init__()
+        self.out_channels = out_channels
+        self.reduce = Conv2dNormActivation(
+            in_channels[-1], out_channels, kernel_size=1, norm_layer=nn.BatchNorm2d, activation_layer=None
+        )
+
+    def forward_level(self, features: list[torch.Tensor], level: int) -> torch.Tensor:
+        reduced = self.reduce(features[-1])
+        size = features[pyramid_index(level)].shape[-2:]
+        if reduced.shape[-2:] == size:
+            return reduced
+        return F.interpolate(reduced, size=size, mode="bilinear", align_corners=False)
+
+
+def build_neck(name: str, in_channels: list[int], out_channels: int = 256) -> nn.Module:
+    if name == "fpn":
+        return PartialFPN(in_channels, out_channels)
+    if name == "interp":
+        return InterpolationNeck(in_channels, out_channels)
+    raise ValueError(f"neck.name={name!r} is invalid: use one of {NECKS}")
