@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from mcl.distributed import gather_batch, rank
+
 LEVEL_WEIGHT_RULES = ("paper", "official")
 OFFICIAL_LEVEL_WEIGHTS = (0.5, 0.25, 0.125, 0.125)
 LOSSES = ("infonce", "byol")
@@ -77,3 +79,42 @@ def similarity_stats(predictions: torch.Tensor, targets: torch.Tensor, labels: t
         "neg_cos": negatives.mean() if negatives.numel() else cosine.new_zeros(()),
         "collapse_std": p.std(dim=0).mean() if len(p) > 1 else p.new_zeros(()),
     }
+
+
+def multi_level_loss(
+    predictions: Sequence[Sequence[torch.Tensor]],
+    sources: Sequence[Sequence[torch.Tensor]],
+    targets: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    loss: str = "infonce",
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Symmetric multi-level loss with target assignment ``top`` (SPEC §5).
+
+    Args:
+        predictions: ``predictions[side][level]`` ``(N, D)``, the online predictions of the cells of one side's
+            level-``level`` montages, in ``sources`` order.
+        sources: ``sources[side][level]`` ``(N,)``, the local batch index of each cell's image.
+        targets: ``targets[side]`` ``(B, D)``, the target embeddings of one side's level-0 views on this rank.
+        weights: one weight per level.
+
+    Side ``s`` is compared with the targets of side ``1 - s`` gathered from every rank, so the label of a cell is
+    ``rank * B + source``. Returns ``sum_i w_i (loss_i(A->B) + loss_i(B->A))`` and per-level logs.
+    """
+    batch = len(targets[0])
+    gathered = [gather_batch(t) for t in targets]
+    offset = rank() * batch
+    total = gathered[0].new_zeros((), dtype=torch.float32)
+    logs: dict[str, torch.Tensor] = {}
+    for level, weight in enumerate(weights):
+        level_loss = total.new_zeros(())
+        for side in range(2):
+            labels = sources[side][level] + offset
+            other = gathered[1 - side]
+            level_loss = level_loss + contrastive_loss(loss, predictions[side][level], other, labels, temperature)
+            if side == 0:
+                stats = similarity_stats(predictions[side][level], other, labels)
+        total = total + weight * level_loss
+        logs[f"loss_level{level}"] = level_loss.detach()
+        logs.update({f"{name}_level{level}": value for name, value in stats.items()})
+    return total, logs

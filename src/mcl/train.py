@@ -55,7 +55,12 @@ def instantiate_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float | torch.Tensor) and torch.numel(v) == 1}
+    """The single-number entries of a Lightning metrics dict, as floats."""
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, int | float) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -76,7 +81,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if cfg.get("validate_at_init") and not cfg.get("ckpt_path"):
         initial = trainer.validate(model, datamodule=datamodule, verbose=False)
-        metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(initial[0]).items()})
+        for results in initial:
+            metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(results).items()})
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics.update(scalar_metrics(trainer.callback_metrics))
     checkpoint = trainer.checkpoint_callback

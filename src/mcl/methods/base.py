@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcl.backbones import PYRAMID_STRIDES, Backbone
-from mcl.distributed import gather_batch
+from mcl.distributed import gather_batch, rank
 from mcl.heads import TileHead, split_tiles
 from mcl.knn import knn_top1
 from mcl.loss import level_weights as resolve_level_weights
@@ -112,7 +112,7 @@ class MultiLevelModule(pl.LightningModule):
         """Montage randomness: seeded per rank so that ranks draw independent cell orders."""
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device)
-            self._generator.manual_seed(self.seed * 1_000_003 + self.global_rank)
+            self._generator.manual_seed(self.seed * 1_000_003 + rank())
         return self._generator
 
     def montage_counts_for(self, batch_size: int) -> list[int]:

@@ -7,9 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcl.distributed import gather_batch, rank
 from mcl.heads import MLP
-from mcl.loss import LOSSES, TARGET_ASSIGNMENTS, contrastive_loss, similarity_stats
+from mcl.loss import LOSSES, TARGET_ASSIGNMENTS, multi_level_loss
 from mcl.methods.base import MultiLevelModule, cell_features
 from mcl.momentum import cosine_momentum, ema_update, make_target
 
@@ -79,42 +78,28 @@ class MCL(MultiLevelModule):
     def forward_losses(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, 2, levels, C, H, W)``."""
         self.check_views(views, level_axis=2)
-        batch = len(views)
         sides = [self.build_montages(views[:, side]) for side in range(2)]
         groups = [(montages, level) for side in sides for level, (montages, _) in enumerate(side)]
         embeddings = self.projector(torch.cat(cell_features(groups, self.backbone, self.neck, self.head)))
-        per_group = embeddings.split([len(s.view(-1)) for side in sides for _, s in side])
-
-        targets_local = self.target_embeddings(views[:, :, 0].transpose(0, 1).flatten(0, 1)).split(batch)
-        targets = [gather_batch(t) for t in targets_local]
-        offset = rank() * batch
-
-        total = embeddings.new_zeros(())
-        logs: dict[str, torch.Tensor] = {}
-        for level, weight in enumerate(self.level_weights):
-            counts = [len(per_group[side * self.levels + level]) for side in range(2)]
-            stacked = torch.cat([per_group[side * self.levels + level] for side in range(2)])
-            predictions = self.predictors[level](stacked).split(counts)
-            level_loss = embeddings.new_zeros(())
-            for side in range(2):
-                labels = sides[side][level][1].flatten() + offset
-                other = targets[1 - side]
-                level_loss = level_loss + contrastive_loss(
-                    self.loss_name, predictions[side], other, labels, self.temperature
-                )
-                if side == 0:
-                    stats = similarity_stats(predictions[side], other, labels)
-            total = total + weight * level_loss
-            logs[f"train/loss_level{level}"] = level_loss.detach()
-            logs.update({f"train/{name}_level{level}": value for name, value in stats.items()})
-        return total, logs
+        sizes = [sources.numel() for side in sides for _, sources in side]
+        per_group = embeddings.split(sizes)  # side-major: (A, level 0), (A, level 1), ..., (B, level 0), ...
+        predictions: list[list[torch.Tensor]] = [[], []]
+        for level, predictor in enumerate(self.predictors):
+            both = [per_group[side * self.levels + level] for side in range(2)]
+            for side, prediction in enumerate(predictor(torch.cat(both)).split([len(b) for b in both])):
+                predictions[side].append(prediction)
+        targets = self.target_embeddings(views[:, :, 0].transpose(0, 1).flatten(0, 1)).chunk(2)
+        sources = [[s.flatten() for _, s in side] for side in sides]
+        return multi_level_loss(
+            predictions, sources, targets, self.level_weights, self.loss_name, self.temperature
+        )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, _ = batch
         loss, logs = self.forward_losses(views)
         self.check_finite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True)
-        self.log_dict(logs)
+        self.log_dict({f"train/{name}": value for name, value in logs.items()})
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

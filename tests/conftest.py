@@ -1,0 +1,47 @@
+"""Shared fixtures: composed Hydra configs for fast CPU runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from mcl.train import CONFIG_DIR
+
+torch.set_num_threads(2)
+
+
+def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
+    """Compose ``train.yaml`` with ``overrides``; ``output_dir`` replaces the Hydra run directory."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides or [], return_hydra_config=False)
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir or Path.cwd())
+    return cfg
+
+
+TINY = [
+    "data=synthetic",
+    "batch_size=16",
+    "image_size=64",
+    "logger=none",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "method.projector_hidden_dim=64",
+    "method.embedding_dim=32",
+    "neck.out_channels=32",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A config that trains resnet18 on 64 synthetic images for one epoch in seconds."""
+
+    def make(*extra: str) -> DictConfig:
+        return compose_train([*TINY, *extra], output_dir=tmp_path)
+
+    return make

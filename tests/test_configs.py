@@ -1,0 +1,101 @@
+"""Every config group option composes and instantiates; presets set what they say."""
+
+from pathlib import Path
+
+import hydra
+import pytest
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
+from mcl.train import CONFIG_DIR, instantiate_callbacks, instantiate_loggers
+
+from .conftest import TINY, compose_train
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def test_default_config_is_the_cpu_fashion_mnist_run():
+    cfg = compose_train()
+    assert cfg.levels == 3 and cfg.image_size == 64 and cfg.backbone.name == "resnet18"
+    assert cfg.data._target_.endswith("FashionMNISTDataModule")
+    assert cfg.method.level_weights == "paper" and cfg.method.montage_counts == "paper"
+    assert cfg.data.views_per_side == 3 and cfg.method.levels == 3
+
+
+def test_official_preset_is_the_released_code():
+    cfg = compose_train(["preset=official"])
+    assert cfg.levels == 4 and cfg.method.levels == 4 and cfg.data.views_per_side == 4
+    assert cfg.method.montage_counts == "official" and cfg.method.level_weights == "official"
+    assert compose_train(["preset=official", "levels=3"]).method.levels == 3
+
+
+@pytest.mark.parametrize("backbone", options("backbone"))
+@pytest.mark.parametrize("neck", options("neck"))
+def test_backbone_and_neck_options_build_the_model(backbone, neck):
+    if backbone in ("resnet50", "swin_tiny") and neck == "interp":
+        pytest.skip("large backbones are built once, with the fpn neck")
+    cfg = compose_train([f"backbone={backbone}", f"neck={neck}", "image_size=64"])
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    assert model.levels == 3 and model.neck.out_channels == 256
+
+
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+def test_optimizer_options_are_partials(optimizer):
+    cfg = compose_train([f"optimizer={optimizer}"])
+    factory = hydra.utils.instantiate(cfg.optimizer)
+    assert factory.keywords["lr"] > 0
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_data_options_instantiate(data, tmp_path):
+    overrides = [f"data={data}"]
+    if data == "imagefolder":
+        overrides += [f"data.train_dir={tmp_path}", f"data.val_dir={tmp_path}"]
+    datamodule = hydra.utils.instantiate(compose_train(overrides).data)
+    assert isinstance(datamodule, pl.LightningDataModule)
+    assert datamodule.views_per_side == 3 and datamodule.image_size == 64
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_options_instantiate(trainer, tmp_path):
+    cfg = compose_train([f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.precision=32-true"], tmp_path)
+    assert isinstance(hydra.utils.instantiate(cfg.trainer), pl.Trainer)
+    if trainer in ("ddp", "multi_node"):
+        assert cfg.trainer.sync_batchnorm and cfg.trainer.strategy == "ddp"
+    if trainer == "multi_node":
+        assert cfg.trainer.num_nodes > 1
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_logger_options_instantiate_without_a_wandb_key(logger, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = compose_train([f"logger={logger}"], tmp_path)
+    loggers = instantiate_loggers(cfg)
+    assert len(loggers) == (0 if logger == "none" else 1)
+    if logger == "wandb":
+        import os
+
+        assert os.environ["WANDB_MODE"] == "offline"
+    callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers))
+    assert any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
+
+
+@pytest.mark.parametrize("group", ["preset", "debug", "experiment"])
+def test_preset_debug_and_experiment_options_compose(group, tmp_path):
+    for option in options(group):
+        overrides = [f"{group}={option}"]
+        if group == "experiment":
+            overrides += [f"data.train_dir={tmp_path}", f"data.val_dir={tmp_path}"]
+        cfg = compose_train(overrides, tmp_path)
+        OmegaConf.resolve(cfg)
+        assert 1 <= cfg.levels <= 4
+
+
+def test_tiny_overrides_compose():
+    cfg = compose_train(TINY)
+    assert cfg.data.num_train == 64 and cfg.logger is None

@@ -1,0 +1,125 @@
+"""The MCL LightningModule without a Trainer: loss against a reference, training signal, EMA, validation."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mcl.methods import MCL
+
+
+def small_mcl(levels=2, **kwargs):
+    torch.manual_seed(0)
+    defaults = dict(
+        backbone={"name": "resnet18"},
+        neck={"name": "fpn", "out_channels": 16},
+        image_size=64,
+        levels=levels,
+        projector_hidden_dim=32,
+        embedding_dim=16,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.0),
+    )
+    return MCL(**{**defaults, **kwargs})
+
+
+def test_total_loss_matches_an_independent_reference():
+    """Eval mode (BN on running statistics) makes every image's embedding independent of its batch, so the loss can
+    be recomputed cell by cell: the cell's image through the full torchvision FPN, cropped to its tile."""
+    model = small_mcl(levels=3, temperature=0.5).eval()
+    batch = 16
+    views = torch.randn(batch, 2, 3, 3, 64, 64)
+    with torch.no_grad():
+        total, logs = model.forward_losses(views)
+        model._generator = None  # replay the same montages
+        sides = [model.build_montages(views[:, side]) for side in range(2)]
+        targets = []
+        for side in range(2):
+            p5 = model.target_neck(dict(enumerate(model.target_backbone(views[:, side, 0]))))[3]
+            targets.append(F.normalize(model.target_projector(model.target_head(p5)), dim=1))
+        expected = 0.0
+        for level, weight in enumerate([0.5, 0.25, 0.125]):
+            grid, tile = 2**level, 2
+            for side in range(2):
+                montages, sources = sides[side][level]
+                pyramid = model.neck(dict(enumerate(model.backbone(montages))))[3 - level]
+                for m in range(len(montages)):
+                    for row in range(grid):
+                        for col in range(grid):
+                            cell = pyramid[m : m + 1, :, row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
+                            z = model.predictors[level](model.projector(model.head(cell)))
+                            logits = F.normalize(z, dim=1) @ targets[1 - side].T / 0.5
+                            label = sources[m, row, col].view(1)
+                            expected += weight * F.cross_entropy(logits, label).item() * 2 * 0.5 / (batch)
+    assert total.item() == pytest.approx(expected, rel=1e-4)
+    assert set(logs) >= {"loss_level0", "loss_level2", "pos_cos_level1", "collapse_std_level2"}
+
+
+def test_a_few_steps_lower_the_loss():
+    model = small_mcl(levels=2)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    views = torch.randn(16, 2, 2, 3, 64, 64)
+    losses = []
+    for _ in range(15):
+        loss, _ = model.forward_losses(views)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_targets_receive_no_gradient_and_predictors_have_no_target():
+    model = small_mcl()
+    loss, _ = model.forward_losses(torch.randn(8, 2, 2, 3, 64, 64))
+    loss.backward()
+    assert all(p.grad is None for _, target in model.momentum_pairs for p in target.parameters())
+    assert all(p.grad is not None for p in model.predictors.parameters())
+    online = {id(p) for online, _ in model.momentum_pairs for p in online.parameters()}
+    assert not online & {id(p) for p in model.predictors.parameters()}
+
+
+def test_each_rank_draws_its_own_montages(monkeypatch):
+    model = small_mcl()
+    views = torch.randn(16, 2, 2, 3, 64, 64)
+    rank0 = [sources for _, sources in model.build_montages(views[:, 0])]
+    model._generator = None
+    monkeypatch.setattr("mcl.methods.base.rank", lambda: 1)
+    rank1 = [sources for _, sources in model.build_montages(views[:, 0])]
+    assert model.generator.initial_seed() == model.seed * 1_000_003 + 1
+    assert not torch.equal(rank0[1], rank1[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"levels": 5}, "levels=5"),
+        ({"levels": 0}, "levels=0"),
+        ({"image_size": 65}, "image_size=65"),
+        ({"image_size": 16}, "image_size=16"),
+        ({"level_weights": [0.5, 0.5, 0.5]}, "level_weights="),
+        ({"montage_counts": [16]}, "montage_counts="),
+        ({"loss": "mse"}, "loss='mse'"),
+        ({"target_assignment": "bottom"}, "target_assignment='bottom'"),
+        ({"temperature": 0.0}, "temperature=0.0"),
+        ({"downscale_mode": "cubic"}, "downscale_mode='cubic'"),
+        ({"base_momentum": 1.5}, "base_momentum=1.5"),
+    ],
+)
+def test_bad_configuration_is_rejected_with_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        small_mcl(**kwargs)
+
+
+def test_views_that_do_not_match_the_model_are_rejected():
+    model = small_mcl(levels=2)
+    with pytest.raises(ValueError, match="views per side but levels=2"):
+        model.forward_losses(torch.randn(4, 2, 3, 3, 64, 64))
+    with pytest.raises(ValueError, match="image_size=64"):
+        model.forward_losses(torch.randn(4, 2, 2, 3, 96, 96))
+
+
+def test_non_finite_loss_stops_before_the_step():
+    model = small_mcl()
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        model.check_finite(torch.tensor(float("nan")), batch_idx=3)

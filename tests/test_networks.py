@@ -1,0 +1,100 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mcl.backbones import Backbone
+from mcl.heads import MLP, TileHead, split_tiles
+from mcl.montage import assemble_montage
+from mcl.pyramid import InterpolationNeck, PartialFPN, build_neck
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return Backbone("resnet18").eval()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "swin_test"])
+def test_backbones_return_nchw_c2_to_c5(name):
+    backbone = Backbone(name, image_size=64).eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, 64, 64))
+    assert [f.shape[-1] for f in features] == [16, 8, 4, 2]
+    assert [f.shape[1] for f in features] == backbone.channels
+    assert backbone.forward_pooled(torch.randn(2, 3, 64, 64)).shape == (2, backbone.channels[-1])
+
+
+def test_resnet50_channels():
+    assert Backbone("resnet50").channels == [256, 512, 1024, 2048]
+
+
+def test_partial_fpn_matches_torchvision_full_pyramid(resnet18):
+    torch.manual_seed(0)
+    neck = PartialFPN(resnet18.channels, 32).eval()
+    with torch.no_grad():
+        features = resnet18(torch.randn(2, 3, 64, 64))
+        full = list(neck(dict(enumerate(features))).values())  # P2..P5
+        for level in range(4):
+            assert torch.allclose(neck.forward_level(features, level), full[3 - level], atol=1e-6)
+
+
+@pytest.mark.parametrize("neck_name", ["fpn", "interp"])
+@pytest.mark.parametrize("image_size", [64, 96, 224])
+def test_every_level_map_splits_into_one_t_by_t_tile_per_cell(resnet18, neck_name, image_size):
+    neck = build_neck(neck_name, resnet18.channels, 16).eval()
+    tile = image_size // 32
+    with torch.no_grad():
+        features = resnet18(torch.randn(1, 3, image_size, image_size))
+        for level in range(4):
+            grid = 2**level
+            pyramid_map = neck.forward_level(features, level)
+            assert pyramid_map.shape[-2:] == (grid * tile, grid * tile)
+            assert split_tiles(pyramid_map, grid).shape == (grid * grid, 16, tile, tile)
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_tiles_cover_exactly_their_cells(level):
+    """Pool a montage down to the level's pyramid stride: tile k must be the pooled image of cell k."""
+    images = torch.rand(8, 3, 64, 64)
+    montages, sources = assemble_montage(images, level, 2, mode="area", generator=torch.Generator().manual_seed(1))
+    stride = 2 ** (5 - level)
+    tiles = split_tiles(F.avg_pool2d(montages, stride), 2**level)
+    expected = F.avg_pool2d(images, 32)[sources.flatten()]  # each cell is 64 / 2**level px, pooled to t=2
+    assert torch.allclose(tiles, expected, atol=1e-5)
+
+
+def test_tile_head_does_not_leak_between_cells():
+    torch.manual_seed(0)
+    head = TileHead(8).eval()
+    feature_map = torch.randn(1, 8, 8, 8)
+    changed = feature_map.clone()
+    changed[:, :, :4, :4] += 5.0  # cell (0, 0) of a 2x2 grid
+    with torch.no_grad():
+        before, after = head(split_tiles(feature_map, 2)), head(split_tiles(changed, 2))
+    assert not torch.allclose(before[0], after[0])
+    assert torch.equal(before[1:], after[1:])
+
+
+def test_head_convs_have_box_head_shapes():
+    head = TileHead(256, 4)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4
+    assert all(c.weight.shape == (256, 256, 3, 3) and c.bias is None for c in convs)
+
+
+def test_projector_ends_in_affine_free_batchnorm():
+    projector = MLP(256, 2048, 256, final_norm=True)
+    assert isinstance(projector[-1], torch.nn.BatchNorm1d) and not projector[-1].affine
+    assert projector(torch.randn(4, 256)).shape == (4, 256)
+
+
+def test_interp_neck_is_one_conv_on_c5(resnet18):
+    neck = InterpolationNeck(resnet18.channels, 32)
+    convs = [m for m in neck.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].in_channels == 512 and convs[0].kernel_size == (1, 1)
+
+
+def test_unknown_neck_and_backbone_are_rejected():
+    with pytest.raises(ValueError, match="neck.name='c4'"):
+        build_neck("c4", [1, 2, 3, 4])
+    with pytest.raises(RuntimeError):
+        Backbone("no_such_model")

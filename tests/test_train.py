@@ -1,0 +1,107 @@
+"""End to end through Hydra and Lightning: short runs, checkpoints, resume, failures."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from PIL import Image
+
+from mcl.methods import MCL
+from mcl.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def checkpoint_dir(cfg) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "swin_test"])
+def test_short_run_trains_and_reports_knn(tiny_cfg, backbone):
+    optimizer = ["optimizer=adamw", "scheduler.min_lr=0"] if "swin" in backbone else ["optimizer=lars"]
+    cfg = tiny_cfg(f"backbone={backbone}", *optimizer)
+    metrics = train(cfg)
+    assert 0.0 <= metrics["init/knn_top1"] <= 100.0
+    assert 0.0 <= metrics["val/knn_top1"] <= 100.0
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert (checkpoint_dir(cfg) / "last.ckpt").is_file()
+
+
+def test_ema_runs_after_each_optimizer_step(tiny_cfg):
+    cfg = tiny_cfg("+trainer.max_steps=2", "validate_at_init=false")
+    train(cfg)
+    checkpoint = torch.load(checkpoint_dir(cfg) / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    model = MCL.load_from_checkpoint(checkpoint_dir(cfg) / "last.ckpt")
+    assert any(not torch.equal(a, b) for a, b in zip(model.backbone.parameters(), model.target_backbone.parameters()))
+    assert "montage_generator_state" in checkpoint
+
+
+def test_resume_continues_from_the_checkpoint(tiny_cfg):
+    cfg = tiny_cfg("validate_at_init=false")
+    train(cfg)
+    last = checkpoint_dir(cfg) / "last.ckpt"
+    first = torch.load(last, weights_only=False)
+    assert first["epoch"] == 0 and first["global_step"] == 4  # 64 images / batch 16
+    resumed = tiny_cfg(f"ckpt_path={last}", "trainer.max_epochs=2")
+    train(resumed)
+    second = torch.load(last, weights_only=False)
+    assert second["global_step"] == 8  # 4 steps restored + 4 new ones, not 4 from scratch
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg("validate_at_init=false", "trainer.max_epochs=2")
+    original = MCL.forward_losses
+
+    def poisoned(self, views):
+        loss, logs = original(self, views)
+        return (loss * float("nan") if self.current_epoch == 1 else loss), logs
+
+    monkeypatch.setattr(MCL, "forward_losses", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        train(cfg)
+    checkpoint = torch.load(checkpoint_dir(cfg) / "last.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("levels=5", "levels=5"),
+        ("image_size=80", "image_size=80"),
+        ("method.level_weights=[0.5,0.25]", "level_weights="),
+        ("method.montage_counts=[16,4]", "montage_counts="),
+    ],
+)
+def test_bad_config_values_name_the_key(tiny_cfg, override, message):
+    with pytest.raises((ValueError, InstantiationException), match=message.replace("[", r"\[")):
+        train(tiny_cfg(override))
+
+
+def test_missing_fashion_mnist_says_how_to_install(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("data=fashion_mnist", f"data.root={tmp_path / 'nowhere'}", "data.num_workers=0")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        train(cfg)
+
+
+def write_image_folder(root: Path, classes=2, per_class=8, size=32) -> None:
+    for label in range(classes):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            Image.new("RGB", (size, size), (40 * label, 10 * index, 90)).save(folder / f"{index}.png")
+
+
+def test_image_folder_errors_name_the_folder_and_the_file(tiny_cfg, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["data=imagefolder", "data.num_workers=0", "batch_size=8", "data.bank_size=null"]
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        train(tiny_cfg(*base, f"data.train_dir={empty}", f"data.val_dir={empty}"))
+    good = tmp_path / "good"
+    write_image_folder(good)
+    (good / "class1" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(OSError, match="unreadable image .*broken.png"):
+        train(tiny_cfg(*base, f"data.train_dir={good}", f"data.val_dir={good}", "validate_at_init=false"))
