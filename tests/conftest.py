@@ -31,17 +31,17 @@ TINY = [
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
-    "method.projector_hidden_dim=64",
-    "method.embedding_dim=32",
     "neck.out_channels=32",
 ]
+SMALL_MCL = ["method.projector_hidden_dim=64", "method.embedding_dim=32"]
 
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    """A config that trains resnet18 on 64 synthetic images for one epoch in seconds."""
+    """A config that trains resnet18 on 64 synthetic images for one epoch in seconds (``method=supervised`` too)."""
 
     def make(*extra: str) -> DictConfig:
-        return compose_train([*TINY, *extra], output_dir=tmp_path)
+        small = [] if "method=supervised" in extra else SMALL_MCL
+        return compose_train([*TINY, *small, *extra], output_dir=tmp_path)
 
     return make

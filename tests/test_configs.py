@@ -31,6 +31,15 @@ def test_official_preset_is_the_released_code():
     assert compose_train(["preset=official", "levels=3"]).method.levels == 3
 
 
+@pytest.mark.parametrize("method", [name for name in options("method") if not name.startswith("_")])
+def test_method_options_instantiate_with_matching_views(method):
+    cfg = compose_train([f"method={method}"])
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    assert isinstance(model, pl.LightningModule) and model.levels == 3
+    assert cfg.data.view_mode == {"mcl": "byol", "supervised": "supervised"}[method]
+    assert cfg.optimized_metric == {"mcl": "val/knn_top1", "supervised": "val/acc"}[method]
+
+
 @pytest.mark.parametrize("backbone", options("backbone"))
 @pytest.mark.parametrize("neck", options("neck"))
 def test_backbone_and_neck_options_build_the_model(backbone, neck):
@@ -85,15 +94,24 @@ def test_logger_options_instantiate_without_a_wandb_key(logger, tmp_path, monkey
     assert any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
 
 
-@pytest.mark.parametrize("group", ["preset", "debug", "experiment"])
-def test_preset_debug_and_experiment_options_compose(group, tmp_path):
+@pytest.mark.parametrize("group", ["preset", "debug"])
+def test_preset_and_debug_options_compose(group, tmp_path):
     for option in options(group):
-        overrides = [f"{group}={option}"]
-        if group == "experiment":
-            overrides += [f"data.train_dir={tmp_path}", f"data.val_dir={tmp_path}"]
-        cfg = compose_train(overrides, tmp_path)
+        cfg = compose_train([f"{group}={option}"], tmp_path)
         OmegaConf.resolve(cfg)
         assert 1 <= cfg.levels <= 4
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_compose_and_instantiate(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}"], tmp_path)
+    if cfg.data._target_.endswith("ImageFolderDataModule"):
+        cfg.data.train_dir = cfg.data.val_dir = str(tmp_path)
+    OmegaConf.resolve(cfg)
+    assert experiment.startswith(cfg.task_name.split("_")[0]) or experiment == "fmnist_r18_b64_e3_cpu"
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    assert model.levels == cfg.levels and model.image_size == cfg.image_size
+    assert isinstance(hydra.utils.instantiate(cfg.data), pl.LightningDataModule)
 
 
 def test_tiny_overrides_compose():

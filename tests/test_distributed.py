@@ -51,7 +51,11 @@ def test_two_ranks_see_all_targets_with_global_labels():
     # Single process: every rank's cells, labels shifted to the global index of their image.
     global_sources = [[(s + torch.arange(WORLD).unsqueeze(1) * BATCH).flatten() for s in side] for side in sources]
     expected, _ = multi_level_loss(
-        [[p.flatten(0, 1) for p in side] for side in predictions], global_sources, targets, [0.5, 0.25], temperature=0.2
+        [[p.flatten(0, 1) for p in side] for side in predictions],
+        global_sources,
+        targets,
+        [0.5, 0.25],
+        temperature=0.2,
     )
     results = mp.Manager().dict()
     mp.spawn(worker, args=(free_port(), results), nprocs=WORLD, join=True)
@@ -61,11 +65,24 @@ def test_two_ranks_see_all_targets_with_global_labels():
 
 def test_ddp_training_through_the_cli(tmp_path):
     command = [
-        sys.executable, "-m", "mcl.train", "data=synthetic", "trainer=ddp", "trainer.accelerator=cpu",
-        "trainer.devices=2", "trainer.precision=32-true", "+trainer.max_steps=3", "trainer.max_epochs=1",
-        "batch_size=8", "logger=csv", "validate_at_init=false", "method.projector_hidden_dim=64",
-        "neck.out_channels=32", f"hydra.run.dir={tmp_path}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mcl.train",
+        "data=synthetic",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.sync_batchnorm=false",
+        "trainer.precision=32-true",
+        "+trainer.max_steps=3",
+        "trainer.max_epochs=1",
+        "batch_size=8",
+        "logger=csv",
+        "validate_at_init=false",
+        "method.projector_hidden_dim=64",
+        "neck.out_channels=32",
+        f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip  (SyncBatchNorm needs GPUs; on CPU the ranks keep their own BN statistics)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,7 +12,9 @@ def test_cosine_momentum_schedule_values():
     assert cosine_momentum(50, 100) == pytest.approx(0.995)
     assert cosine_momentum(100, 100) == pytest.approx(1.0)
     assert cosine_momentum(25, 100) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
-    assert cosine_momentum(10, 100, base=0.9, final=0.99) == pytest.approx(0.99 - 0.09 * (math.cos(0.1 * math.pi) + 1) / 2)
+    assert cosine_momentum(10, 100, base=0.9, final=0.99) == pytest.approx(
+        0.99 - 0.09 * (math.cos(0.1 * math.pi) + 1) / 2
+    )
 
 
 def test_ema_update_formula():

@@ -37,6 +37,15 @@ def test_partial_fpn_matches_torchvision_full_pyramid(resnet18):
             assert torch.allclose(neck.forward_level(features, level), full[3 - level], atol=1e-6)
 
 
+@pytest.mark.parametrize("levels", [1, 2, 3, 4])
+def test_fpn_builds_only_the_maps_its_levels_read(resnet18, levels):
+    neck = build_neck("fpn", resnet18.channels, 16, levels=levels)
+    assert len(neck.inner_blocks) == len(neck.layer_blocks) == levels
+    features = resnet18(torch.randn(2, 3, 64, 64))
+    sum(neck.forward_level(features, level).sum() for level in range(levels)).backward()
+    assert all(p.grad is not None for p in neck.parameters())
+
+
 @pytest.mark.parametrize("neck_name", ["fpn", "interp"])
 @pytest.mark.parametrize("image_size", [64, 96, 224])
 def test_every_level_map_splits_into_one_t_by_t_tile_per_cell(resnet18, neck_name, image_size):

@@ -1,5 +1,7 @@
 """End to end through Hydra and Lightning: short runs, checkpoints, resume, failures."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,13 +30,32 @@ def test_short_run_trains_and_reports_knn(tiny_cfg, backbone):
     assert (checkpoint_dir(cfg) / "last.ckpt").is_file()
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "swin_test"])
+def test_supervised_short_run_reports_per_level_accuracy(tiny_cfg, backbone):
+    optimizer = ["optimizer=adamw", "scheduler.min_lr=0"] if "swin" in backbone else []
+    cfg = tiny_cfg("method=supervised", "method.num_classes=4", f"backbone={backbone}", *optimizer)
+    metrics = train(cfg)
+    for key in ("val/acc", "val/acc_level0", "val/acc_level1", "val/acc_level2", "val/knn_top1"):
+        assert 0.0 <= metrics[key] <= 100.0
+    checkpoint = torch.load(checkpoint_dir(cfg) / "last.ckpt", weights_only=False)
+    prefixes = {key.split(".")[0] for key in checkpoint["state_dict"]}
+    assert {"backbone", "neck", "head", "classifier"} <= prefixes  # the trunk is named as in MCL checkpoints
+    assert checkpoint["hyper_parameters"]["levels"] == 3
+
+
+def test_supervised_labels_beyond_the_classifier_name_the_key(tiny_cfg):
+    with pytest.raises(ValueError, match="set method.num_classes"):
+        train(tiny_cfg("method=supervised", "method.num_classes=3", "validate_at_init=false"))
+
+
 def test_ema_runs_after_each_optimizer_step(tiny_cfg):
     cfg = tiny_cfg("+trainer.max_steps=2", "validate_at_init=false")
     train(cfg)
     checkpoint = torch.load(checkpoint_dir(cfg) / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 2
     model = MCL.load_from_checkpoint(checkpoint_dir(cfg) / "last.ckpt")
-    assert any(not torch.equal(a, b) for a, b in zip(model.backbone.parameters(), model.target_backbone.parameters()))
+    pairs = zip(model.backbone.parameters(), model.target_backbone.parameters(), strict=True)
+    assert any(not torch.equal(online, target) for online, target in pairs)
     assert "montage_generator_state" in checkpoint
 
 
@@ -105,3 +126,20 @@ def test_image_folder_errors_name_the_folder_and_the_file(tiny_cfg, tmp_path):
     (good / "class1" / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(OSError, match="unreadable image .*broken.png"):
         train(tiny_cfg(*base, f"data.train_dir={good}", f"data.val_dir={good}", "validate_at_init=false"))
+
+
+def test_multirun_through_the_console_script_gives_each_job_its_own_folder(tmp_path):
+    command = [
+        str(Path(sys.executable).parent / "mcl-train"), "--multirun", "levels=1,2", "data=synthetic", "batch_size=8",
+        "logger=csv", "validate_at_init=false", "+trainer.max_steps=1", "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false", "method.projector_hidden_dim=32", "neck.out_channels=16",
+        f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert [job.split("_")[0] for job in jobs] == ["0", "1"]
+    assert "levels=1" in jobs[0].split(",") and "levels=2" in jobs[1].split(",")
+    for job in jobs:
+        assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
+        assert (tmp_path / job / "csv" / "version_0" / "hparams.yaml").is_file()

@@ -16,7 +16,10 @@ TARGET_ASSIGNMENTS = ("top",)
 
 
 def level_weights(rule: str | Sequence[float], levels: int) -> list[float]:
-    """Loss weight per level: ``"paper"`` ``1/2**(i+1)``, ``"official"`` ``[1/2, 1/4, 1/8, 1/8][:levels]``, or a list."""
+    """Loss weight per level.
+
+    ``"paper"``: ``1/2**(i+1)``; ``"official"``: ``[1/2, 1/4, 1/8, 1/8][:levels]``; or an explicit list.
+    """
     if isinstance(rule, str):
         if rule == "paper":
             return [1.0 / 2 ** (level + 1) for level in range(levels)]
@@ -32,7 +35,9 @@ def level_weights(rule: str | Sequence[float], levels: int) -> list[float]:
     return weights
 
 
-def info_nce(predictions: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    predictions: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """InfoNCE over cosine logits, scaled by ``2 * temperature`` as in the released code.
 
     Args:

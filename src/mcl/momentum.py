@@ -11,7 +11,10 @@ from torch import nn
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.99, final: float = 1.0) -> float:
-    """``m = final - (final - base) * (cos(pi * step / total_steps) + 1) / 2``: ``base`` at step 0, ``final`` at the end."""
+    """``m = final - (final - base) * (cos(pi * step / total_steps) + 1) / 2``.
+
+    ``base`` at step 0, rising to ``final`` at ``total_steps``.
+    """
     if total_steps <= 0:
         return final
     progress = min(step, total_steps) / total_steps

@@ -31,7 +31,10 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int | None = 2
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
-    """Learning rate at optimiser ``step``: linear warmup to ``base_lr`` over ``warmup_steps``, then cosine to ``min_lr``."""
+    """Learning rate at optimiser ``step``.
+
+    Linear warmup to ``base_lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``.
+    """
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)

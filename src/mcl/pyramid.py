@@ -20,19 +20,25 @@ def pyramid_index(level: int) -> int:
 
 
 class PartialFPN(FeaturePyramidNetwork):
-    """torchvision's FPN with BatchNorm (P2..P5, no P6) that can compute a single output level.
+    """torchvision's FPN with BatchNorm (no P6) that can compute a single output level.
 
-    ``forward_level(features, level)`` runs the top-down path only from C5 down to the level's map and applies only
-    that level's 3x3 output conv; ``forward`` (all levels) is torchvision's and gives the same maps.
+    With ``levels`` montage levels only the finest map they read is built: P5..P(6-levels), fed by the matching
+    C stages, so no parameter goes unused (4 levels: P2..P5). ``forward_level(features, level)`` runs the top-down
+    path only from C5 down to the level's map and applies only that level's 3x3 output conv; ``forward`` is
+    torchvision's (on ``features[4 - levels:]``) and gives the same maps.
     """
 
-    def __init__(self, in_channels: list[int], out_channels: int = 256):
-        super().__init__(in_channels, out_channels, norm_layer=nn.BatchNorm2d)
+    def __init__(self, in_channels: list[int], out_channels: int = 256, levels: int = 4):
+        self.first_stage = len(in_channels) - levels
+        super().__init__(in_channels[self.first_stage :], out_channels, norm_layer=nn.BatchNorm2d)
         self.out_channels = out_channels
 
     def forward_level(self, features: list[torch.Tensor], level: int) -> torch.Tensor:
         """``features`` ``[C2, C3, C4, C5]`` -> ``(B, out_channels, H/2**(5-level), W/2**(5-level))``."""
-        target = pyramid_index(level)
+        features = features[self.first_stage :]
+        target = pyramid_index(level) - self.first_stage
+        if target < 0:
+            raise ValueError(f"level {level} needs a pyramid map this FPN was not built with (levels too small)")
         last = len(features) - 1
         inner = self.get_result_from_inner_blocks(features[last], last)
         for index in range(last - 1, target - 1, -1):
@@ -44,7 +50,7 @@ class PartialFPN(FeaturePyramidNetwork):
 class InterpolationNeck(nn.Module):
     """For single-level (C4-style) detectors: a 1x1 conv + BN on C5, bilinearly resized to the level's map size."""
 
-    def __init__(self, in_channels: list[int], out_channels: int = 256):
+    def __init__(self, in_channels: list[int], out_channels: int = 256, levels: int = 4):
         super().__init__()
         self.out_channels = out_channels
         self.reduce = Conv2dNormActivation(
@@ -59,9 +65,10 @@ class InterpolationNeck(nn.Module):
         return F.interpolate(reduced, size=size, mode="bilinear", align_corners=False)
 
 
-def build_neck(name: str, in_channels: list[int], out_channels: int = 256) -> nn.Module:
+def build_neck(name: str, in_channels: list[int], out_channels: int = 256, levels: int = 4) -> nn.Module:
+    """The neck ``name`` for C2..C5 with ``in_channels``, serving montage levels ``0..levels-1``."""
     if name == "fpn":
-        return PartialFPN(in_channels, out_channels)
+        return PartialFPN(in_channels, out_channels, levels)
     if name == "interp":
-        return InterpolationNeck(in_channels, out_channels)
+        return InterpolationNeck(in_channels, out_channels, levels)
     raise ValueError(f"neck.name={name!r} is invalid: use one of {NECKS}")

@@ -100,7 +100,10 @@ def print_summary(metrics: dict[str, float]) -> None:
     table.add_column("value", justify="right")
     for key in ("init/knn_top1", "val/knn_top1", "train/loss"):
         if key in metrics:
-            label = {"init/knn_top1": "kNN top-1 at initialisation (%)", "val/knn_top1": "kNN top-1 pretrained (%)"}
+            label = {
+                "init/knn_top1": "kNN top-1 at initialisation (%)",
+                "val/knn_top1": "kNN top-1 pretrained (%)",
+            }
             table.add_row(label.get(key, key), f"{metrics[key]:.2f}")
     Console().print(table)
 

@@ -88,7 +88,5 @@ class MultiView:
         self.squeeze_sides = squeeze_sides
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        views = torch.stack(
-            [torch.stack([side(image) for _ in range(self.views_per_side)]) for side in self.sides]
-        )
+        views = torch.stack([torch.stack([side(image) for _ in range(self.views_per_side)]) for side in self.sides])
         return views[0] if self.squeeze_sides else views

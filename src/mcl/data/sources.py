@@ -45,7 +45,9 @@ def read_idx(path: Path) -> np.ndarray:
     return payload.reshape(shape)
 
 
-def load_fashion_mnist(root: str | Path = FASHION_MNIST_ROOT, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+def load_fashion_mnist(
+    root: str | Path = FASHION_MNIST_ROOT, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64 of one Fashion-MNIST split ("train" or "test")."""
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"split={split!r} is invalid: use 'train' or 'test'")

@@ -2,5 +2,6 @@
 
 from mcl.methods.base import MultiLevelModule
 from mcl.methods.mcl import MCL
+from mcl.methods.supervised import SupervisedMultiLevel
 
-__all__ = ["MCL", "MultiLevelModule"]
+__all__ = ["MCL", "MultiLevelModule", "SupervisedMultiLevel"]

@@ -100,7 +100,7 @@ class MultiLevelModule(pl.LightningModule):
 
         self.backbone = Backbone(**backbone, image_size=image_size)
         neck = dict(neck)
-        self.neck = build_neck(neck.pop("name"), self.backbone.channels, **neck)
+        self.neck = build_neck(neck.pop("name"), self.backbone.channels, levels=levels, **neck)
         self.head = TileHead(self.neck.out_channels, head_convs)
         self._generator: torch.Generator | None = None
         self._knn_features: dict[int, list[torch.Tensor]] = {0: [], 1: []}
@@ -110,8 +110,9 @@ class MultiLevelModule(pl.LightningModule):
     @property
     def generator(self) -> torch.Generator:
         """Montage randomness: seeded per rank so that ranks draw independent cell orders."""
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
+        device = torch.device("cpu") if self.device.type == "meta" else self.device  # meta: FLOP counting
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.seed * 1_000_003 + rank())
         return self._generator
 
@@ -181,8 +182,7 @@ class MultiLevelModule(pl.LightningModule):
     # ------------------------------------------------------------ optimisation
     def global_batch_size(self) -> int:
         trainer = self.trainer
-        loader = trainer.datamodule if trainer.datamodule is not None else None
-        per_device = getattr(loader, "batch_size", None)
+        per_device = getattr(trainer.datamodule, "batch_size", None)
         if per_device is None:
             raise RuntimeError("the datamodule must expose batch_size to scale the learning rate")
         return per_device * trainer.world_size * trainer.accumulate_grad_batches

@@ -71,7 +71,10 @@ class MCL(MultiLevelModule):
 
     @torch.no_grad()
     def target_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Target ``z`` of plain level-0 views ``(N, C, H, W)`` -> ``(N, embedding_dim)``; BN in batch-statistics mode."""
+        """Target ``z`` of plain level-0 views ``(N, C, H, W)`` -> ``(N, embedding_dim)``.
+
+        The target stays in train mode, so its BN layers use batch statistics, as in BYOL.
+        """
         (features,) = cell_features([(images, 0)], self.target_backbone, self.target_neck, self.target_head)
         return self.target_projector(features)
 
@@ -90,9 +93,7 @@ class MCL(MultiLevelModule):
                 predictions[side].append(prediction)
         targets = self.target_embeddings(views[:, :, 0].transpose(0, 1).flatten(0, 1)).chunk(2)
         sources = [[s.flatten() for _, s in side] for side in sides]
-        return multi_level_loss(
-            predictions, sources, targets, self.level_weights, self.loss_name, self.temperature
-        )
+        return multi_level_loss(predictions, sources, targets, self.level_weights, self.loss_name, self.temperature)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, _ = batch
@@ -105,7 +106,10 @@ class MCL(MultiLevelModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         momentum = cosine_momentum(
-            self.global_step, int(self.trainer.estimated_stepping_batches), self.base_momentum, self.final_momentum
+            self.global_step,
+            int(self.trainer.estimated_stepping_batches),
+            self.base_momentum,
+            self.final_momentum,
         )
         ema_update(self.momentum_pairs, momentum)
         self.log("train/momentum", momentum)

@@ -1,0 +1,97 @@
+"""Supervised multi-level pretraining (the appendix's Fig. 4, SPEC §7).
+
+S augmented views of each labelled image; view s is shrunk by ``2**s`` and tiled into level-s montages, the labels
+are assembled in the same cell order, and the shared pyramid + tile head + a linear classifier give one logit vector
+per cell. Loss = sum over levels of ``w_s * cross_entropy``. It shares montages, pyramid and head with :class:`MCL`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcl.methods.base import MultiLevelModule, cell_features
+from mcl.montage import assemble_montage
+
+
+def assemble_labels(labels: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """The label of every montage cell: ``labels`` ``(B,)`` indexed by ``sources`` ``(M, g, g)`` -> ``(M, g, g)``."""
+    return labels[sources]
+
+
+class SupervisedMultiLevel(MultiLevelModule):
+    """Multi-level cross-entropy on montages of labelled views.
+
+    A training batch is ``(views, labels)`` with ``views`` ``(B, levels, C, H, W)`` (one view per level) and
+    ``labels`` ``(B,)`` in ``0..num_classes-1``. Keyword arguments not listed here go to :class:`MultiLevelModule`.
+    """
+
+    def __init__(self, *args: Any, num_classes: int = 10, label_smoothing: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters(ignore=["optimizer"])
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes} is invalid: a classifier needs at least 2 classes")
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.classifier = nn.Linear(self.neck.out_channels, num_classes)
+
+    def check_labels(self, labels: torch.Tensor) -> None:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.num_classes:
+            bad = high if high >= self.num_classes else low
+            raise ValueError(
+                f"label {bad} is out of range for the classifier: num_classes={self.num_classes} allows "
+                f"0..{self.num_classes - 1}; set method.num_classes to the dataset's class count"
+            )
+
+    def level_logits(
+        self, montages: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per level, ``(logits (cells, num_classes), cell labels (cells,))`` for ``(montages, sources)`` pairs."""
+        groups = [(images, level) for level, (images, _) in enumerate(montages)]
+        features = cell_features(groups, self.backbone, self.neck, self.head)
+        return [
+            (self.classifier(cells), assemble_labels(labels, sources).flatten())
+            for cells, (_, sources) in zip(features, montages, strict=True)
+        ]
+
+    def forward_losses(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and per-level logs for ``views`` ``(B, levels, C, H, W)`` and ``labels`` ``(B,)``."""
+        self.check_views(views, level_axis=1)
+        self.check_labels(labels)
+        total = views.new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        for level, (logits, cell_labels) in enumerate(self.level_logits(self.build_montages(views), labels)):
+            loss = F.cross_entropy(logits.float(), cell_labels, label_smoothing=self.label_smoothing)
+            total = total + self.level_weights[level] * loss
+            logs[f"loss_level{level}"] = loss.detach()
+            logs[f"acc_level{level}"] = (logits.argmax(1) == cell_labels).float().mean().detach() * 100
+        return total, logs
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        views, labels = batch
+        loss, logs = self.forward_losses(views, labels)
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{name}": value for name, value in logs.items()})
+        return loss
+
+    def validation_extra(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """``val/acc`` on the plain images and ``val/acc_level{s}`` on level-s montages of the same images."""
+        self.check_labels(labels)
+        generator = torch.Generator(device=images.device).manual_seed(self.seed)
+        counts = self.montage_counts_for(len(images))
+        montages = [
+            assemble_montage(images, level, counts[level], self.downscale_mode, generator)
+            for level in range(self.levels)
+        ]
+        montages[0] = (images, torch.arange(len(images), device=images.device).view(-1, 1, 1))
+        for level, (logits, cell_labels) in enumerate(self.level_logits(montages, labels)):
+            accuracy = (logits.argmax(1) == cell_labels).float().mean() * 100
+            size = len(cell_labels)
+            self.log(f"val/acc_level{level}", accuracy, add_dataloader_idx=False, sync_dist=True, batch_size=size)
+            if level == 0:
+                self.log("val/acc", accuracy, prog_bar=True, add_dataloader_idx=False, sync_dist=True, batch_size=size)

@@ -1,0 +1,96 @@
+"""Supervised multi-level pretraining: labels follow their cells, the loss is the weighted cross-entropy."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mcl.methods import SupervisedMultiLevel
+from mcl.methods.supervised import assemble_labels
+from mcl.montage import assemble_montage
+
+
+def small_supervised(levels=3, **kwargs):
+    torch.manual_seed(0)
+    defaults = dict(
+        backbone={"name": "resnet18"},
+        neck={"name": "fpn", "out_channels": 16},
+        image_size=64,
+        levels=levels,
+        num_classes=10,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+    )
+    return SupervisedMultiLevel(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_every_cell_carries_the_label_its_pixels_encode(level):
+    """Image b is filled with the value of its label; after assembly each cell's pixels equal its cell label."""
+    labels = torch.tensor([3, 7, 1, 1, 9, 0, 4, 2, 8, 5, 6, 3, 2, 2, 7, 9])
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 3, 64, 64)
+    montages, sources = assemble_montage(images, level, 2, generator=torch.Generator().manual_seed(level))
+    cell_labels = assemble_labels(labels, sources)
+    grid, cell = 2**level, 64 // 2**level
+    for m in range(2):
+        for row in range(grid):
+            for col in range(grid):
+                patch = montages[m, :, row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
+                assert torch.all(patch == cell_labels[m, row, col])
+
+
+def test_loss_equals_the_weighted_cross_entropy_reference():
+    """Eval mode makes cell features independent of the batch, so each cell can be classified on its own."""
+    model = small_supervised(levels=3).eval()
+    views = torch.randn(16, 3, 3, 64, 64)
+    labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        total, logs = model.forward_losses(views, labels)
+        model._generator = None
+        montages = model.build_montages(views)
+        expected = 0.0
+        for level, weight in enumerate([0.5, 0.25, 0.125]):
+            images, sources = montages[level]
+            pyramid = model.neck(dict(enumerate(model.backbone(images)[1:])))[2 - level]
+            grid, cells = 2**level, []
+            for m in range(len(images)):
+                for row in range(grid):
+                    for col in range(grid):
+                        tile = pyramid[m : m + 1, :, row * 2 : row * 2 + 2, col * 2 : col * 2 + 2]
+                        cells.append(model.classifier(model.head(tile)))
+            level_loss = F.cross_entropy(torch.cat(cells), labels[sources.flatten()])
+            assert logs[f"loss_level{level}"].item() == pytest.approx(level_loss.item(), rel=1e-5)
+            expected += weight * level_loss.item()
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_short_run_lowers_the_loss():
+    model = small_supervised(levels=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    views = torch.randn(16, 2, 3, 64, 64)
+    labels = torch.arange(16) % 4
+    losses = []
+    for _ in range(10):
+        loss, _ = model.forward_losses(views, labels)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_labels_outside_the_classifier_are_rejected():
+    model = small_supervised(levels=1)
+    with pytest.raises(ValueError, match="label 10 is out of range .* num_classes=10"):
+        model.forward_losses(torch.randn(4, 1, 3, 64, 64), torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="label -1 is out of range"):
+        model.forward_losses(torch.randn(4, 1, 3, 64, 64), torch.tensor([0, 1, -1, 2]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"levels": 5}, "levels=5"), ({"image_size": 100}, "image_size=100"), ({"num_classes": 1}, "num_classes=1")],
+)
+def test_bad_configuration_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_supervised(**kwargs)
