@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,19 @@ from omegaconf import DictConfig, open_dict
 from mcl.train import CONFIG_DIR
 
 torch.set_num_threads(2)
+
+
+def small_trunk(levels: int, **kwargs) -> dict:
+    """Constructor arguments of a small multi-level module (ResNet-18 trunk, 16-channel pyramid, 64 px), seeded."""
+    torch.manual_seed(0)
+    return {
+        "backbone": {"name": "resnet18"},
+        "neck": {"name": "fpn", "out_channels": 16},
+        "image_size": 64,
+        "levels": levels,
+        "optimizer": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        **kwargs,
+    }
 
 
 def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:

@@ -1,26 +1,16 @@
 """The MCL LightningModule without a Trainer: loss against a reference, training signal, EMA, validation."""
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mcl.methods import MCL
 
+from .conftest import small_trunk
+
 
 def small_mcl(levels=2, **kwargs):
-    torch.manual_seed(0)
-    defaults = dict(
-        backbone={"name": "resnet18"},
-        neck={"name": "fpn", "out_channels": 16},
-        image_size=64,
-        levels=levels,
-        projector_hidden_dim=32,
-        embedding_dim=16,
-        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.0),
-    )
-    return MCL(**{**defaults, **kwargs})
+    return MCL(**small_trunk(levels, **{"projector_hidden_dim": 32, "embedding_dim": 16, **kwargs}))
 
 
 def test_total_loss_matches_an_independent_reference():

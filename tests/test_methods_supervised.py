@@ -1,7 +1,5 @@
 """Supervised multi-level pretraining: labels follow their cells, the loss is the weighted cross-entropy."""
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,18 +8,11 @@ from mcl.methods import SupervisedMultiLevel
 from mcl.methods.supervised import assemble_labels
 from mcl.montage import assemble_montage
 
+from .conftest import small_trunk
+
 
 def small_supervised(levels=3, **kwargs):
-    torch.manual_seed(0)
-    defaults = dict(
-        backbone={"name": "resnet18"},
-        neck={"name": "fpn", "out_channels": 16},
-        image_size=64,
-        levels=levels,
-        num_classes=10,
-        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-    )
-    return SupervisedMultiLevel(**{**defaults, **kwargs})
+    return SupervisedMultiLevel(**small_trunk(levels, **{"num_classes": 10, **kwargs}))
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
