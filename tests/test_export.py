@@ -1,0 +1,130 @@
+"""Export round trips: every format loads into its target model with only the undeliverable keys missing."""
+
+import pickle
+
+import pytest
+import timm
+import torch
+import torchvision
+from torchvision.models import detection
+
+from mcl.export import CheckpointKindError, detectron2_resnet_name, export, main
+from mcl.methods import MCL, SupervisedMultiLevel
+
+from .conftest import small_trunk
+
+
+def save_checkpoint(model, path):
+    """What Lightning writes, reduced to what export reads."""
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def r50_checkpoint(tmp_path_factory):
+    """A ResNet-50 MCL model with all 4 levels (the full P2..P5 pyramid) and 256 channels, as detectors expect."""
+    model = MCL(**small_trunk(4, backbone={"name": "resnet50"}, neck={"name": "fpn", "out_channels": 256}))
+    with torch.no_grad():  # non-trivial BN statistics, so that folding and copying are really checked
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 1.5)
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "r50.ckpt")
+
+
+def load(target, weights):
+    result = target.load_state_dict(weights, strict=False)
+    return set(result.missing_keys), set(result.unexpected_keys)
+
+
+@pytest.mark.parametrize("method", ["mcl", "supervised"])
+def test_backbone_export_loads_into_timm_and_torchvision(tmp_path, method):
+    cls, extra = (MCL, {}) if method == "mcl" else (SupervisedMultiLevel, {"num_classes": 10})
+    model = cls(**small_trunk(3, **extra))
+    checkpoint = save_checkpoint(model, tmp_path / "model.ckpt")
+    for fmt, target in (("timm", timm.create_model("resnet18")), ("torchvision", torchvision.models.resnet18())):
+        weights = torch.load(export(checkpoint, fmt, tmp_path / f"{fmt}.pth"))
+        assert load(target, weights) == ({"fc.weight", "fc.bias"}, set())
+        assert torch.equal(target.layer3[1].conv2.weight, model.backbone.model.layer3[1].conv2.weight)
+
+
+def test_fasterrcnn_v2_export_fills_backbone_fpn_and_box_head_convs(r50_checkpoint, tmp_path):
+    model, checkpoint = r50_checkpoint
+    weights = torch.load(export(checkpoint, "fasterrcnn_v2", tmp_path / "frcnn.pth"))
+    for build in (detection.fasterrcnn_resnet50_fpn_v2, detection.maskrcnn_resnet50_fpn_v2):
+        detector = build(weights=None, weights_backbone=None, num_classes=5)
+        missing, unexpected = load(detector, weights)
+        assert unexpected == set()
+        assert all(
+            k.startswith(("rpn.", "roi_heads.box_predictor.", "roi_heads.box_head.5.", "roi_heads.mask_"))
+            for k in missing
+        )
+        assert not any(k.startswith(("backbone.", "roi_heads.box_head.0")) for k in missing)
+    box_head = detection.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).roi_heads.box_head
+    box_head.load_state_dict(
+        {k[len("roi_heads.box_head.") :]: v for k, v in weights.items() if "box_head" in k}, strict=False
+    )
+    assert torch.equal(box_head[2][0].weight, model.head.convs[2][0].weight)
+    assert torch.equal(weights["backbone.fpn.inner_blocks.0.1.running_var"], model.neck.inner_blocks[0][1].running_var)
+
+
+def test_fasterrcnn_export_of_three_levels_leaves_p2_to_the_detector(tmp_path):
+    model = MCL(**small_trunk(3, backbone={"name": "resnet50"}, neck={"name": "fpn", "out_channels": 256}))
+    weights = torch.load(export(save_checkpoint(model, tmp_path / "m.ckpt"), "fasterrcnn_v2", tmp_path / "f.pth"))
+    missing, _ = load(detection.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None), weights)
+    backbone_missing = {k for k in missing if k.startswith("backbone.")}
+    assert backbone_missing and all(".inner_blocks.0." in k or ".layer_blocks.0." in k for k in backbone_missing)
+    assert torch.equal(weights["backbone.fpn.layer_blocks.3.0.weight"], model.neck.layer_blocks[2][0].weight)
+
+
+def test_retinanet_v2_export_folds_the_fpn_batchnorm(r50_checkpoint, tmp_path):
+    model, checkpoint = r50_checkpoint
+    weights = torch.load(export(checkpoint, "retinanet_v2", tmp_path / "retina.pth"))
+    retina = detection.retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=5)
+    missing, unexpected = load(retina, weights)
+    assert unexpected == set()
+    assert all(k.startswith(("head.", "backbone.fpn.extra_blocks.")) for k in missing)
+    # C4's lateral conv: torchvision's biased conv equals our conv + BN in eval mode.
+    features = torch.randn(2, 1024, 5, 5)
+    ours = model.neck.eval().inner_blocks[2](features)
+    theirs = retina.backbone.fpn.inner_blocks[1](features)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_detectron2_pickle_uses_detectron2_names(r50_checkpoint, tmp_path):
+    model, checkpoint = r50_checkpoint
+    with open(export(checkpoint, "detectron2", tmp_path / "d2.pkl"), "rb") as handle:
+        exported = pickle.load(handle)
+    assert exported["matching_heuristics"] is True
+    names = exported["model"]
+    for key in (
+        "stem.conv1.weight", "stem.conv1.norm.running_var", "res2.0.conv1.weight", "res2.0.conv3.norm.bias",
+        "res3.0.shortcut.weight", "res5.2.conv2.norm.weight", "fpn_lateral2.weight", "fpn_lateral2.norm.weight",
+        "fpn_output5.weight", "fpn_output5.norm.running_mean", "box_head.conv1.weight", "box_head.conv4.norm.bias",
+    ):  # fmt: skip
+        assert key in names, key
+    assert not any(k.endswith("num_batches_tracked") or k.startswith(("layer", "bn1")) for k in names)
+    assert sum(k.startswith("res4.") and k.endswith("conv1.weight") for k in names) == 6  # ResNet-50: 6 blocks
+    assert (names["box_head.conv3.weight"] == model.head.convs[2][0].weight.detach().numpy()).all()
+    assert (names["res3.1.conv2.norm.running_mean"] == model.backbone.model.layer2[1].bn2.running_mean.numpy()).all()
+
+
+def test_detectron2_resnet_names():
+    assert detectron2_resnet_name("conv1.weight") == "stem.conv1.weight"
+    assert detectron2_resnet_name("layer4.2.bn3.bias") == "res5.2.conv3.norm.bias"
+    assert detectron2_resnet_name("layer1.0.downsample.1.weight") == "res2.0.shortcut.norm.weight"
+
+
+def test_wrong_checkpoints_and_formats_are_refused(tmp_path, capsys):
+    plain = tmp_path / "plain.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), plain)
+    with pytest.raises(CheckpointKindError, match="not an mcl pretraining checkpoint"):
+        export(plain, "timm", tmp_path / "out.pth")
+    swin = save_checkpoint(MCL(**small_trunk(2, backbone={"name": "swin_test"})), tmp_path / "swin.ckpt")
+    with pytest.raises(CheckpointKindError, match="'swin_test'.*--format timm"):
+        export(swin, "detectron2", tmp_path / "out.pkl")
+    assert export(swin, "timm", tmp_path / "swin.pth").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(plain), "--format", "timm", "--output", str(tmp_path / "x.pth")])
+    assert exit_info.value.code == 2 and "not an mcl pretraining checkpoint" in capsys.readouterr().err
