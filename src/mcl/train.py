@@ -91,20 +91,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def print_summary(metrics: dict[str, float]) -> None:
+SUMMARY_LABELS = {"init/knn_top1": "kNN top-1 at initialisation (%)", "val/knn_top1": "kNN top-1 pretrained (%)"}
+
+
+def print_summary(
+    metrics: dict[str, Any], keys: tuple[str, ...] = ("init/knn_top1", "val/knn_top1", "val/acc", "train/loss")
+) -> None:
+    """Print the ``keys`` present in ``metrics`` as a table."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="MCL pretraining")
+    table = Table(title="mcl")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("init/knn_top1", "val/knn_top1", "train/loss"):
+    for key in keys:
         if key in metrics:
-            label = {
-                "init/knn_top1": "kNN top-1 at initialisation (%)",
-                "val/knn_top1": "kNN top-1 pretrained (%)",
-            }
-            table.add_row(label.get(key, key), f"{metrics[key]:.2f}")
+            table.add_row(SUMMARY_LABELS.get(key, key), f"{metrics[key]:.2f}")
     Console().print(table)
 
 

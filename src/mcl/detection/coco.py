@@ -1,0 +1,123 @@
+"""COCO-format detection data for torchvision detectors, and COCO evaluation with pycocotools."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from mcl.data.sources import MissingDatasetError, read_rgb
+
+# COCOeval.stats order.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def quiet_coco(annotation_file: str | Path) -> COCO:
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise MissingDatasetError(f"COCO annotation file {path} does not exist")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+class CocoDetection(Dataset):
+    """``(image (3, H, W) float in [0, 1], target)`` with torchvision's target keys: ``boxes`` (xyxy), ``labels``
+    (COCO category ids, so 0 stays the background), ``masks`` (with ``masks=True``) and ``image_id``."""
+
+    def __init__(self, image_dir: str | Path, annotation_file: str | Path, masks: bool = False, train: bool = False):
+        self.image_dir = Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise MissingDatasetError(f"image folder {self.image_dir} does not exist")
+        self.coco = quiet_coco(annotation_file)
+        self.ids = sorted(self.coco.getImgIds())
+        self.masks = masks
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image_id = self.ids[index]
+        info = self.coco.loadImgs(image_id)[0]
+        image = TF.to_dtype(TF.pil_to_tensor(read_rgb(str(self.image_dir / info["file_name"]))), torch.float32, True)
+        annotations = [a for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd")]
+        boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64),
+            "image_id": torch.tensor(image_id),
+        }
+        if self.masks:
+            target["masks"] = torch.from_numpy(
+                np.stack([self.coco.annToMask(a) for a in annotations])
+                if annotations
+                else np.zeros((0, info["height"], info["width"]), dtype=np.uint8)
+            )
+        if self.train and torch.rand(()) < 0.5:
+            image, target = horizontal_flip(image, target)
+        return image, target
+
+
+def horizontal_flip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    width = image.shape[-1]
+    target = dict(target)
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    target["boxes"] = boxes
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return image.flip(-1), target
+
+
+def collate(batch: list) -> tuple[list, list]:
+    return tuple(map(list, zip(*batch, strict=True)))
+
+
+def to_coco_results(predictions: list[dict[str, torch.Tensor]], image_ids: list[int], masks: bool) -> list[dict]:
+    """torchvision outputs -> COCO result dicts (xywh boxes, RLE masks thresholded at 0.5)."""
+    results = []
+    for prediction, image_id in zip(predictions, image_ids, strict=True):
+        boxes = prediction["boxes"].detach().cpu().clone()
+        boxes[:, 2:] -= boxes[:, :2]
+        rles = []
+        if masks and "masks" in prediction:
+            binary = (prediction["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+            rles = [mask_utils.encode(np.asfortranarray(m)) for m in binary]
+            for rle in rles:
+                rle["counts"] = rle["counts"].decode("ascii")
+        for index, (box, score, label) in enumerate(
+            zip(boxes.tolist(), prediction["scores"].tolist(), prediction["labels"].tolist(), strict=True)
+        ):
+            result: dict[str, Any] = {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
+            if rles:
+                result["segmentation"] = rles[index]
+            results.append(result)
+    return results
+
+
+def coco_evaluate(coco: COCO, results: list[dict], iou_type: str = "bbox") -> dict[str, Any]:
+    """COCO AP metrics, plus ``ap_by_iou``: AP at each IoU threshold 0.50:0.05:0.95 (the paper's Fig. 6)."""
+    if not results:
+        return {**dict.fromkeys(STAT_NAMES, 0.0), "ap_by_iou": {f"{t:.2f}": 0.0 for t in np.linspace(0.5, 0.95, 10)}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # IoU x recall x class, all areas, 100 detections
+    by_iou = {}
+    for index, threshold in enumerate(evaluator.params.iouThrs):
+        valid = precision[index][precision[index] > -1]
+        by_iou[f"{threshold:.2f}"] = 100.0 * float(valid.mean()) if valid.size else 0.0
+    stats = {name: 100.0 * max(0.0, float(value)) for name, value in zip(STAT_NAMES, evaluator.stats[:6], strict=True)}
+    return {**stats, "ap_by_iou": by_iou}

@@ -1,0 +1,162 @@
+"""Detection fine-tuning: ``mcl-finetune key=value ...`` (Hydra, ``conf/finetune.yaml``).
+
+A torchvision Faster/Mask R-CNN FPN v2 or RetinaNet v2 (ResNet-18 or -50) built from MCL weights, trained on any
+COCO-format dataset and evaluated with pycocotools. :func:`finetune` returns the metrics, ``ap_by_iou`` included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from mcl.detection.coco import STAT_NAMES, CocoDetection, coco_evaluate, collate, to_coco_results
+from mcl.detection.models import build_detector, load_pretrained
+from mcl.distributed import world_size
+from mcl.train import instantiate_callbacks, instantiate_loggers, print_summary
+
+log = logging.getLogger(__name__)
+
+
+def step_schedule(step: int, warmup_steps: int, milestones: list[int], gamma: float = 0.1) -> float:
+    """Learning-rate factor: linear warmup from 0.001, then ``gamma`` at each milestone step (the 1x/2x schedules)."""
+    warmup = min(1.0, 0.001 + (1 - 0.001) * step / warmup_steps) if warmup_steps else 1.0
+    return warmup * gamma ** sum(step >= m for m in milestones)
+
+
+class DetectionModule(pl.LightningModule):
+    """Fine-tunes a torchvision detector; validation runs COCO evaluation (boxes, and masks for Mask R-CNN)."""
+
+    def __init__(
+        self,
+        detector: torch.nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        milestones: list[float],
+        warmup_steps: int = 100,
+        masks: bool = False,
+    ):
+        super().__init__()
+        self.detector = detector
+        self.optimizer_factory = optimizer
+        self.milestones = milestones
+        self.warmup_steps = warmup_steps
+        self.masks = masks
+        self.coco = None
+        self._results: list[dict] = []
+        self.last_evaluation: dict[str, Any] = {}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self.detector(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite detection loss {float(loss)} at step {self.global_step}: {losses}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        predictions = self.detector(images)
+        ids = [int(t["image_id"]) for t in targets]
+        self._results.extend(to_coco_results(predictions, ids, self.masks))
+
+    def on_validation_epoch_end(self) -> None:
+        results = self._results
+        self._results = []
+        if world_size() > 1:
+            gathered: list[list[dict]] = [[] for _ in range(world_size())]
+            dist.all_gather_object(gathered, results)
+            results = [r for part in gathered for r in part]
+        evaluation = {"bbox": coco_evaluate(self.coco, results, "bbox")}
+        if self.masks:
+            evaluation["segm"] = coco_evaluate(self.coco, results, "segm")
+        self.last_evaluation = evaluation
+        for name in STAT_NAMES:
+            self.log(f"val/{name}", evaluation["bbox"][name], prog_bar=name == "AP")
+            if self.masks:
+                self.log(f"val/mask_{name}", evaluation["segm"][name])
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        milestones = [int(fraction * total) for fraction in self.milestones]
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: step_schedule(step, min(self.warmup_steps, total), milestones)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def num_classes_of(annotation_file: str) -> int:
+    """Category ids are used as labels, so the head needs ``max id + 1`` outputs (0 is the background)."""
+    categories = json.loads(Path(annotation_file).read_text())["categories"]
+    return max(c["id"] for c in categories) + 1
+
+
+def finetune(cfg: DictConfig) -> dict[str, Any]:
+    """Build, load, fine-tune and evaluate; returns ``val/AP``-style metrics and ``ap_by_iou`` (per IoU threshold)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    masks = cfg.model.arch == "maskrcnn_v2"
+    num_classes = cfg.model.num_classes or num_classes_of(cfg.data.train_annotations)
+    detector = build_detector(
+        cfg.model.arch,
+        cfg.model.backbone,
+        num_classes,
+        cfg.model.min_size,
+        cfg.model.max_size,
+        cfg.model.anchor_base_size,
+    )
+    if cfg.model.pretrained:
+        missing = load_pretrained(detector, cfg.model.arch, cfg.model.pretrained)
+        log.info("loaded %s; %d keys left to the detector: %s", cfg.model.pretrained, len(missing), missing[:8])
+    train_set = CocoDetection(cfg.data.train_images, cfg.data.train_annotations, masks=masks, train=True)
+    val_set = CocoDetection(cfg.data.val_images, cfg.data.val_annotations, masks=masks)
+    loader = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+    module = DetectionModule(
+        detector,
+        hydra.utils.instantiate(cfg.optimizer),
+        list(cfg.schedule.milestones),
+        cfg.schedule.warmup_steps,
+        masks,
+    )
+    module.coco = val_set.coco
+    loggers = instantiate_loggers(cfg)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        max_epochs=cfg.schedule.max_epochs,
+        logger=loggers or False,
+        callbacks=instantiate_callbacks(cfg, has_logger=bool(loggers)),
+    )
+    trainer.fit(
+        module,
+        DataLoader(train_set, shuffle=True, drop_last=True, **loader),
+        DataLoader(val_set, **loader),
+        ckpt_path=cfg.get("ckpt_path"),
+    )
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics["ap_by_iou"] = module.last_evaluation.get("bbox", {}).get("ap_by_iou", {})
+    output = Path(cfg.output_dir) / "evaluation.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(module.last_evaluation, indent=1))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+def main(cfg: DictConfig) -> float | None:
+    metrics = finetune(cfg)
+    if pl.utilities.rank_zero.rank_zero_only.rank == 0:
+        print_summary(metrics, ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/mask_AP"))
+    return metrics.get(cfg.get("optimized_metric") or "", None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Linear evaluation: ``mcl-linear checkpoint=... key=value ...`` (Hydra, ``conf/linear.yaml``).
+
+The appendix protocol: the pretrained backbone is frozen (BN statistics included), a linear classifier on its
+pooled C5 features is trained with SGD (momentum 0.9, batch 256, lr 10, no weight decay, 100 epochs) on random
+resized crops and flips, and tested on a resize + centre crop. Reports top-1 and top-5.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, open_dict
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+from mcl.backbones import Backbone
+from mcl.export import backbone_state, load_pretraining_checkpoint
+from mcl.optim import warmup_cosine
+from mcl.train import instantiate_callbacks, instantiate_loggers, print_summary
+
+log = logging.getLogger(__name__)
+
+
+def frozen_backbone(checkpoint: str) -> tuple[Backbone, dict[str, Any]]:
+    """The pretrained backbone of an ``mcl-train`` checkpoint, frozen, and the checkpoint's hyper-parameters."""
+    state, hparams = load_pretraining_checkpoint(checkpoint)
+    backbone = Backbone(**hparams["backbone"], image_size=hparams["image_size"])
+    backbone.model.load_state_dict(backbone_state(state))
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    return backbone.eval(), hparams
+
+
+class LinearProbe(pl.LightningModule):
+    """A linear classifier on frozen pooled backbone features, ``(B, C, H, W)`` -> ``(B, num_classes)``."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer]):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.channels[-1], num_classes)
+        self.optimizer_factory = optimizer
+        self.top1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.backbone.eval()  # frozen means frozen BN statistics too
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.backbone.forward_pooled(images)
+        return self.classifier(features)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.top1.update(logits, labels)
+        self.top5.update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/top1", 100.0 * self.top1.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/top5", 100.0 * self.top5.compute(), sync_dist=True)
+        self.top1.reset()
+        self.top5.reset()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.classifier.parameters())
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, 0, 1.0, 0.0))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def linear_eval(cfg: DictConfig) -> dict[str, float]:
+    """Train and test the linear probe; returns ``val/top1`` and ``val/top5`` (in %)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    backbone, hparams = frozen_backbone(cfg.checkpoint)
+    with open_dict(cfg):
+        cfg.data.image_size = cfg.data.image_size or hparams["image_size"]
+    datamodule = hydra.utils.instantiate(cfg.data, view_mode="supervised", views_per_side=1)
+    datamodule.setup("fit")
+    squeeze = lambda batch: (torch.stack([views[0] for views, _ in batch]), torch.tensor([y for _, y in batch]))
+    loader = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
+    train_loader = DataLoader(datamodule.train_set, shuffle=True, drop_last=True, collate_fn=squeeze, **loader)
+    val_loader = DataLoader(datamodule.val_set, **loader)
+    probe = LinearProbe(backbone, datamodule.num_classes, hydra.utils.instantiate(cfg.optimizer))
+    loggers = instantiate_loggers(cfg)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=instantiate_callbacks(cfg, has_logger=bool(loggers))
+    )
+    trainer.fit(probe, train_loader, val_loader)
+    return {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="linear")
+def main(cfg: DictConfig) -> float | None:
+    metrics = linear_eval(cfg)
+    if pl.utilities.rank_zero.rank_zero_only.rank == 0:
+        print_summary(metrics, ("val/top1", "val/top5", "train/loss"))
+    return metrics.get("val/top1")
+
+
+if __name__ == "__main__":
+    main()

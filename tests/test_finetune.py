@@ -1,0 +1,91 @@
+"""Detection fine-tuning on a tiny canvas set: loading MCL weights, a few steps, COCO evaluation."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from mcl.detection.coco import CocoDetection, horizontal_flip
+from mcl.detection.fashion_canvas import CanvasSpec, build_fashion_canvas
+from mcl.detection.finetune import finetune, step_schedule
+from mcl.detection.models import build_detector, load_pretrained
+from mcl.methods import MCL
+from mcl.train import CONFIG_DIR
+
+from .conftest import small_trunk
+from .test_export import save_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def canvas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("canvas")
+    build_fashion_canvas(root, num_train=4, num_val=2, seed=0, spec=CanvasSpec(canvas_size=128, max_side=80))
+    return root
+
+
+@pytest.fixture(scope="module")
+def r18_checkpoint(tmp_path_factory):
+    model = MCL(**small_trunk(4, neck={"name": "fpn", "out_channels": 256}))
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "r18.ckpt")
+
+
+def finetune_cfg(canvas, tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "finetune",
+            [
+                f"data.root={canvas}", "data.batch_size=2", "data.num_workers=0", "logger=none",
+                "schedule.max_epochs=1", "schedule.warmup_steps=1", "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false", "model.min_size=128", "model.max_size=128", *overrides,
+            ],
+        )  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    return cfg
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn_v2", "maskrcnn_v2", "retinanet_v2"])
+def test_detectors_load_mcl_weights_with_only_detector_keys_missing(r18_checkpoint, arch):
+    model, checkpoint = r18_checkpoint
+    detector = build_detector(arch, "resnet18", num_classes=11)
+    missing = load_pretrained(detector, arch, checkpoint)
+    assert missing and not any(k.startswith("backbone.body.") for k in missing)
+    assert torch.equal(detector.backbone.body.layer2[0].conv1.weight, model.backbone.model.layer2[0].conv1.weight)
+    if arch != "retinanet_v2":
+        assert not any(k.startswith(("backbone.fpn.", "roi_heads.box_head.0.")) for k in missing)
+
+
+def test_mismatched_weights_are_refused(r18_checkpoint, tmp_path):
+    _, checkpoint = r18_checkpoint
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_pretrained(build_detector("fasterrcnn_v2", "resnet50", 11), "fasterrcnn_v2", checkpoint)
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn_v2", "maskrcnn_v2"])
+def test_a_short_finetune_reports_coco_metrics(canvas, r18_checkpoint, tmp_path, arch):
+    _, checkpoint = r18_checkpoint
+    metrics = finetune(finetune_cfg(canvas, tmp_path, f"model.arch={arch}", f"model.pretrained={checkpoint}"))
+    for key in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert list(metrics["ap_by_iou"]) == [f"{0.5 + 0.05 * i:.2f}" for i in range(10)]
+    assert ("val/mask_AP" in metrics) == (arch == "maskrcnn_v2")
+    assert (tmp_path / "evaluation.json").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_canvas_dataset_targets_and_flip(canvas):
+    dataset = CocoDetection(canvas / "train", canvas / "annotations" / "train.json", masks=True)
+    image, target = dataset[0]
+    assert image.shape == (3, 128, 128) and image.max() <= 1.0
+    assert target["masks"].shape[0] == target["boxes"].shape[0] == target["labels"].shape[0]
+    flipped, flipped_target = horizontal_flip(image, target)
+    assert torch.equal(flipped.flip(-1), image)
+    assert torch.allclose(flipped_target["boxes"][:, [0, 2]], 128 - target["boxes"][:, [2, 0]])
+
+
+def test_step_schedule():
+    assert step_schedule(0, 10, [50, 80]) == pytest.approx(0.001)
+    assert step_schedule(10, 10, [50, 80]) == pytest.approx(1.0)
+    assert step_schedule(60, 10, [50, 80]) == pytest.approx(0.1)
+    assert step_schedule(90, 10, [50, 80]) == pytest.approx(0.01)
