@@ -53,6 +53,7 @@ def fine_tune(name: str, checkpoint: Path | None, data: Path, args: argparse.Nam
     overrides = [
         f"data.root={data}", f"schedule.max_epochs={args.finetune_epochs}", "schedule.warmup_steps=50",
         f"model.min_size={args.canvas}", f"model.max_size={args.canvas}", "trainer.enable_progress_bar=false",
+        f"+trainer.check_val_every_n_epoch={args.finetune_epochs}",
         f"model.pretrained={checkpoint}" if checkpoint else "model.pretrained=null",
     ]  # fmt: skip
     started = time.perf_counter()
@@ -82,11 +83,11 @@ def markdown(rows: dict[str, dict], args: argparse.Namespace, spread: dict) -> s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the whole pipeline")
-    parser.add_argument("--pretrain-epochs", type=int, default=3)
+    parser.add_argument("--pretrain-epochs", type=int, default=2)
     parser.add_argument("--pretrain-images", type=int, default=5760)
-    parser.add_argument("--finetune-epochs", type=int, default=6)
-    parser.add_argument("--train-canvases", type=int, default=600)
-    parser.add_argument("--val-canvases", type=int, default=150)
+    parser.add_argument("--finetune-epochs", type=int, default=4)
+    parser.add_argument("--train-canvases", type=int, default=320)
+    parser.add_argument("--val-canvases", type=int, default=80)
     parser.add_argument("--canvas", type=int, default=128)
     args = parser.parse_args()
     if args.quick:

@@ -63,7 +63,7 @@ def test_mismatched_weights_are_refused(r18_checkpoint, tmp_path):
         load_pretrained(build_detector("fasterrcnn_v2", "resnet50", 11), "fasterrcnn_v2", checkpoint)
 
 
-@pytest.mark.parametrize("arch", ["fasterrcnn_v2", "maskrcnn_v2"])
+@pytest.mark.parametrize("arch", ["fasterrcnn_v2", "maskrcnn_v2", "retinanet_v2"])
 def test_a_short_finetune_reports_coco_metrics(canvas, r18_checkpoint, tmp_path, arch):
     _, checkpoint = r18_checkpoint
     metrics = finetune(finetune_cfg(canvas, tmp_path, f"model.arch={arch}", f"model.pretrained={checkpoint}"))

@@ -36,8 +36,11 @@ def plot_ap_by_iou(runs: Mapping[str, Mapping[float, float]], baseline: str, out
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, curve in runs.items():
         left.plot(list(curve), list(curve.values()), marker="o", label=name)
-    for name, curve in ap_gain(runs, baseline).items():
-        right.bar([t + 0.01 * (i - 0.5) for i, t in enumerate(curve)], list(curve.values()), width=0.02, label=name)
+    gains = ap_gain(runs, baseline)
+    width = 0.04 / max(1, len(gains))  # the bars of all runs share the 0.05 gap between thresholds
+    for index, (name, curve) in enumerate(gains.items()):
+        offset = (index - (len(gains) - 1) / 2) * width
+        right.bar([t + offset for t in curve], list(curve.values()), width=width, label=name)
     left.set(xlabel="IoU threshold", ylabel="box AP", title="AP by IoU threshold")
     right.set(xlabel="IoU threshold", ylabel=f"AP gain over {baseline}", title="gain by IoU threshold")
     right.axhline(0, color="black", linewidth=0.8)

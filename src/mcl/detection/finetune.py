@@ -114,6 +114,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         cfg.model.min_size,
         cfg.model.max_size,
         cfg.model.anchor_base_size,
+        cfg.model.proposals_train,
+        cfg.model.proposals_test,
+        cfg.model.rois_per_image,
     )
     if cfg.model.pretrained:
         missing = load_pretrained(detector, cfg.model.arch, cfg.model.pretrained)

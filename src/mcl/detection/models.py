@@ -43,8 +43,16 @@ def build_detector(
     min_size: int = 800,
     max_size: int = 1333,
     anchor_base_size: int = 32,
+    proposals_train: int = 2000,
+    proposals_test: int = 1000,
+    rois_per_image: int = 512,
 ) -> nn.Module:
-    """A randomly initialised detector; ``num_classes`` counts the background for the R-CNNs, as torchvision does."""
+    """A randomly initialised detector; ``num_classes`` counts the background for the R-CNNs, as torchvision does.
+
+    ``proposals_train``/``proposals_test`` (RPN proposals kept per image) and ``rois_per_image`` (RoIs sampled per
+    image for the box head) default to torchvision's COCO values; the 4-conv box head runs on every RoI, so small
+    images with few objects train several times faster with fewer.
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is invalid: use one of {ARCHITECTURES}")
     if backbone not in DEPTHS:
@@ -70,6 +78,9 @@ def build_detector(
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(256, anchors.num_anchors_per_location()[0], conv_depth=2),
         box_head=FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
+        rpn_post_nms_top_n_train=proposals_train,
+        rpn_post_nms_top_n_test=proposals_test,
+        box_batch_size_per_image=rois_per_image,
         **sizes,
     )
 

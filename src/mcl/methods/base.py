@@ -176,7 +176,8 @@ class MultiLevelModule(pl.LightningModule):
             k=self.knn_k,
             temperature=self.knn_temperature,
         )
-        self.log("val/knn_top1", accuracy, prog_bar=True, rank_zero_only=True)
+        # Every rank holds the gathered features, so every rank logs the same value (checkpointing needs it on all).
+        self.log("val/knn_top1", accuracy, prog_bar=True)
         self.on_validation_epoch_start()
 
     # ------------------------------------------------------------ optimisation
