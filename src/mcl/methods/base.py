@@ -3,6 +3,7 @@ head path, the optimiser and schedule, the kNN monitor and the checks on their c
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from mcl.montage import montage_counts as count_montages
 from mcl.optim import parameter_groups, scaled_lr, warmup_cosine
 from mcl.pyramid import build_neck
 
+log = logging.getLogger(__name__)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
@@ -225,5 +227,10 @@ class MultiLevelModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         state = getattr(self, "_pending_generator_state", None)
-        if state is not None:
-            self.generator.set_state(state)
+        if state is None:
+            return
+        if state.numel() != self.generator.get_state().numel():
+            # Saved on another device type (CPU and CUDA generators keep different states): reseed instead.
+            log.warning("montage generator state from another device type; montages are reseeded on resume")
+            return
+        self.generator.set_state(state)
