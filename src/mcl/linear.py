@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mcl.backbones import Backbone
 from mcl.export import backbone_state, load_pretraining_checkpoint
 from mcl.optim import warmup_cosine
-from mcl.train import instantiate_callbacks, instantiate_loggers, print_summary
+from mcl.train import instantiate_trainer, print_summary, scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,9 @@ def linear_eval(cfg: DictConfig) -> dict[str, float]:
     train_loader = DataLoader(datamodule.train_set, shuffle=True, drop_last=True, collate_fn=squeeze, **loader)
     val_loader = DataLoader(datamodule.val_set, **loader)
     probe = LinearProbe(backbone, datamodule.num_classes, hydra.utils.instantiate(cfg.optimizer))
-    loggers = instantiate_loggers(cfg)
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=instantiate_callbacks(cfg, has_logger=bool(loggers))
-    )
+    trainer = instantiate_trainer(cfg)
     trainer.fit(probe, train_loader, val_loader)
-    return {key: float(value) for key, value in trainer.callback_metrics.items()}
+    return scalar_metrics(trainer.callback_metrics)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="linear")

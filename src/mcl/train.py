@@ -54,6 +54,15 @@ def instantiate_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback
     return callbacks
 
 
+def instantiate_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
+    """The ``cfg.trainer`` Trainer with ``cfg.logger`` loggers (given the resolved config) and ``cfg.callbacks``."""
+    loggers = instantiate_loggers(cfg)
+    callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)
+
+
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The single-number entries of a Lightning metrics dict, as floats."""
     return {
@@ -72,11 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.method, _convert_="all")
-    loggers = instantiate_loggers(cfg)
-    callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = instantiate_trainer(cfg)
 
     metrics: dict[str, float] = {}
     if cfg.get("validate_at_init") and not cfg.get("ckpt_path"):

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from mcl.detection.coco import STAT_NAMES, CocoDetection, coco_evaluate, collate, to_coco_results
 from mcl.detection.models import build_detector, load_pretrained
 from mcl.distributed import world_size
-from mcl.train import instantiate_callbacks, instantiate_loggers, print_summary
+from mcl.train import instantiate_trainer, print_summary, scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +132,14 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         masks,
     )
     module.coco = val_set.coco
-    loggers = instantiate_loggers(cfg)
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        max_epochs=cfg.schedule.max_epochs,
-        logger=loggers or False,
-        callbacks=instantiate_callbacks(cfg, has_logger=bool(loggers)),
-    )
+    trainer = instantiate_trainer(cfg, max_epochs=cfg.schedule.max_epochs)
     trainer.fit(
         module,
         DataLoader(train_set, shuffle=True, drop_last=True, **loader),
         DataLoader(val_set, **loader),
         ckpt_path=cfg.get("ckpt_path"),
     )
-    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
     metrics["ap_by_iou"] = module.last_evaluation.get("bbox", {}).get("ap_by_iou", {})
     output = Path(cfg.output_dir) / "evaluation.json"
     output.parent.mkdir(parents=True, exist_ok=True)
