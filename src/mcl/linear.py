@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mcl.backbones import Backbone
 from mcl.export import backbone_state, load_pretraining_checkpoint
 from mcl.optim import warmup_cosine
-from mcl.train import instantiate_trainer, print_summary, scalar_metrics
+from mcl.train import finish_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,14 @@ def linear_eval(cfg: DictConfig) -> dict[str, float]:
     val_loader = DataLoader(datamodule.val_set, **loader)
     probe = LinearProbe(backbone, datamodule.num_classes, hydra.utils.instantiate(cfg.optimizer))
     trainer = instantiate_trainer(cfg)
-    trainer.fit(probe, train_loader, val_loader)
-    return scalar_metrics(trainer.callback_metrics)
+    try:
+        trainer.fit(probe, train_loader, val_loader)
+    finally:
+        finish_loggers(trainer.loggers)
+    metrics = scalar_metrics(trainer.callback_metrics)
+    if trainer.is_global_zero:
+        save_metrics(metrics, cfg.output_dir)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="linear")

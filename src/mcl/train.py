@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
@@ -14,6 +15,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -37,12 +39,56 @@ def ensure_wandb_mode() -> str:
     return os.environ.get("WANDB_MODE", "online")
 
 
+METRICS_FILE = "metrics.json"
+
+
+def job_name(cfg: DictConfig) -> str:
+    """``task_name``, plus the job's command-line overrides inside a Hydra run (``mcl/levels=2,seed=1``)."""
+    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return f"{cfg.task_name}/{overrides}" if overrides else str(cfg.task_name)
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """The multirun folder's name (its launch time), which groups a sweep's W&B runs; ``None`` outside a multirun."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode.name != "MULTIRUN":
+        return None
+    return f"{cfg.task_name}/{Path(HydraConfig.get().sweep.dir).name}"
+
+
+def is_wandb(logger_cfg: DictConfig | None) -> bool:
+    return logger_cfg is not None and "wandb" in str(logger_cfg.get("_target_", "")).lower()
+
+
 def instantiate_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
+    """``cfg.logger``; a W&B logger without a name is named after the job and grouped by its multirun."""
     if not cfg.get("logger"):
         return []
-    if any("wandb" in str(c.get("_target_", "")).lower() for c in cfg.logger.values()):
-        ensure_wandb_mode()
-    return [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
+    loggers = []
+    for logger_cfg in cfg.logger.values():
+        if logger_cfg is None:
+            continue
+        extra = {}
+        if is_wandb(logger_cfg):
+            ensure_wandb_mode()
+            name, group = logger_cfg.get("name") or job_name(cfg), logger_cfg.get("group") or sweep_group(cfg)
+            extra = {"name": name, "group": group}
+        loggers.append(hydra.utils.instantiate(logger_cfg, **extra))
+    return loggers
+
+
+def finish_loggers(loggers: list[pl.loggers.Logger]) -> None:
+    """Close W&B runs, so that the next job of a multirun (same process) starts its own run."""
+    for logger in loggers:
+        if isinstance(logger, pl.loggers.WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+def save_metrics(metrics: dict[str, float], output_dir: str | Path) -> Path:
+    """Write ``metrics.json`` next to the job's config, where :mod:`mcl.results` finds it."""
+    path = Path(output_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def instantiate_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback]:
@@ -73,7 +119,8 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Pretrain with a composed config; returns the final metrics (``val/knn_top1``, ``train/loss``, ...).
+    """Pretrain with a composed config; returns the final metrics (``val/knn_top1``, ``train/loss``, ...), which
+    are also written to ``<output_dir>/metrics.json``.
 
     With ``validate_at_init`` it first measures the kNN top-1 of the backbone at initialisation
     (``init/knn_top1``), so a run shows what pretraining added.
@@ -84,12 +131,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate_trainer(cfg)
 
     metrics: dict[str, float] = {}
-    if cfg.get("validate_at_init") and not cfg.get("ckpt_path"):
-        initial = trainer.validate(model, datamodule=datamodule, verbose=False)
-        for results in initial:
-            metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(results).items()})
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics.update(scalar_metrics(trainer.callback_metrics))
+    try:
+        if cfg.get("validate_at_init") and not cfg.get("ckpt_path"):
+            initial = trainer.validate(model, datamodule=datamodule, verbose=False)
+            for results in initial:
+                metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(results).items()})
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics.update(scalar_metrics(trainer.callback_metrics))
+    finally:
+        finish_loggers(trainer.loggers)
+    if trainer.is_global_zero:
+        save_metrics(metrics, cfg.output_dir)
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:
         log.info("best checkpoint: %s", checkpoint.best_model_path)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from mcl.detection.coco import STAT_NAMES, CocoDetection, coco_evaluate, collate, to_coco_results
 from mcl.detection.models import build_detector, load_pretrained
 from mcl.distributed import world_size
-from mcl.train import instantiate_trainer, print_summary, scalar_metrics
+from mcl.train import finish_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +133,21 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     )
     module.coco = val_set.coco
     trainer = instantiate_trainer(cfg, max_epochs=cfg.schedule.max_epochs)
-    trainer.fit(
-        module,
-        DataLoader(train_set, shuffle=True, drop_last=True, **loader),
-        DataLoader(val_set, **loader),
-        ckpt_path=cfg.get("ckpt_path"),
-    )
+    try:
+        trainer.fit(
+            module,
+            DataLoader(train_set, shuffle=True, drop_last=True, **loader),
+            DataLoader(val_set, **loader),
+            ckpt_path=cfg.get("ckpt_path"),
+        )
+    finally:
+        finish_loggers(trainer.loggers)
     metrics: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
+    if trainer.is_global_zero:
+        save_metrics(metrics, cfg.output_dir)
+        output = Path(cfg.output_dir) / "evaluation.json"
+        output.write_text(json.dumps(module.last_evaluation, indent=1))
     metrics["ap_by_iou"] = module.last_evaluation.get("bbox", {}).get("ap_by_iou", {})
-    output = Path(cfg.output_dir) / "evaluation.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(module.last_evaluation, indent=1))
     return metrics
 
 
