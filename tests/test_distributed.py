@@ -38,7 +38,7 @@ def worker(rank: int, port: int, results) -> None:
     total, _ = multi_level_loss(
         [[p[rank] for p in side] for side in predictions],
         [[s[rank] for s in side] for side in sources],
-        [t[local] for t in targets],
+        [[t[local]] for t in targets],
         weights=[0.5, 0.25],
         temperature=0.2,
     )
@@ -53,7 +53,7 @@ def test_two_ranks_see_all_targets_with_global_labels():
     expected, _ = multi_level_loss(
         [[p.flatten(0, 1) for p in side] for side in predictions],
         global_sources,
-        targets,
+        [[t] for t in targets],
         [0.5, 0.25],
         temperature=0.2,
     )

@@ -2,8 +2,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mcl.loss import byol_regression, info_nce, level_weights, similarity_stats
+from mcl.loss import (
+    byol_regression,
+    info_nce,
+    level_weights,
+    multi_level_loss,
+    per_image_targets,
+    similarity_stats,
+    target_levels,
+)
 
 
 def reference_info_nce(p, z, labels, temperature):
@@ -73,3 +82,66 @@ def test_level_weight_presets():
 def test_bad_level_weights_name_the_key(rule):
     with pytest.raises(ValueError, match="level_weights="):
         level_weights(rule, 3)
+
+
+def test_info_nce_drops_invalid_targets_from_the_negatives():
+    torch.manual_seed(1)
+    p, z = torch.randn(6, 8), torch.randn(5, 8)
+    labels = torch.tensor([0, 2, 4, 0, 2, 4])
+    valid = torch.tensor([True, False, True, False, True])
+    kept = torch.tensor([0, 2, 4])
+    expected = reference_info_nce(p, z[kept], torch.tensor([0, 1, 2, 0, 1, 2]), 0.3)
+    assert info_nce(p, z, labels, 0.3, valid).item() == pytest.approx(expected)
+
+
+def test_target_levels_per_assignment():
+    assert [target_levels("top", level, 3) for level in range(3)] == [[0], [0], [0]]
+    assert [target_levels("same-level", level, 3) for level in range(3)] == [[0], [1], [2]]
+    assert target_levels("all-levels", 1, 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="target_assignment='bottom'"):
+        target_levels("bottom", 0, 3)
+
+
+def test_per_image_targets_average_an_images_cells():
+    cells = torch.tensor([[3.0, 0.0], [0.0, 2.0], [0.0, 5.0], [1.0, 1.0]])
+    sources = torch.tensor([2, 0, 2, 0])
+    targets, present = per_image_targets(cells, sources, batch=4)
+    assert present.tolist() == [True, False, True, False]
+    root = 1 / math.sqrt(2)
+    # image 0: unit (0, 1) + unit (1, 1) = (r, 1 + r); image 2: (1, 0) + (0, 1).
+    expected0 = torch.tensor([root, 1 + root]) / math.hypot(root, 1 + root)
+    torch.testing.assert_close(targets[0], expected0)
+    torch.testing.assert_close(targets[2], torch.tensor([root, root]))
+    assert targets[1].abs().sum() == 0 and targets[3].abs().sum() == 0
+
+
+@pytest.mark.parametrize("assignment", ["top", "same-level", "all-levels"])
+def test_multi_level_loss_compares_each_level_with_its_assigned_targets(assignment):
+    torch.manual_seed(2)
+    batch, dim, weights = 4, 8, [0.5, 0.25]
+    sources = [[torch.tensor([3, 1, 0, 2]), torch.tensor([1, 1, 2, 0, 3, 3, 2, 0])] for _ in range(2)]
+    predictions = [[torch.randn(len(s), dim) for s in side] for side in sources]
+    targets = [[torch.randn(batch, dim) for _ in weights] for _ in range(2)]
+    total, logs = multi_level_loss(
+        predictions, sources, targets, weights, temperature=0.5, target_assignment=assignment
+    )
+    expected = 0.0
+    for level, weight in enumerate(weights):
+        compared = {"top": [0], "same-level": [level], "all-levels": [0, 1]}[assignment]
+        for side in range(2):
+            for j in compared:
+                term = reference_info_nce(predictions[side][level], targets[1 - side][j], sources[side][level], 0.5)
+                expected += weight * term / len(compared)
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    assert set(logs) >= {"loss_level0", "loss_level1", "neg_cos_level1"}
+
+
+def test_multi_level_loss_masks_images_absent_from_a_target_level():
+    batch, dim = 3, 4
+    z = F.normalize(torch.randn(batch, dim), dim=1)
+    present = [[torch.tensor([True, True, False])] for _ in range(2)]
+    sources = [[torch.tensor([0, 1])] for _ in range(2)]
+    predictions = [[z[:2].clone()] for _ in range(2)]
+    masked, _ = multi_level_loss(predictions, sources, [[z], [z]], [1.0], present=present, temperature=0.5)
+    two = [[z[:2]], [z[:2]]]
+    assert masked.item() == pytest.approx(multi_level_loss(predictions, sources, two, [1.0], temperature=0.5)[0].item())

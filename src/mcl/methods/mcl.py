@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mcl.heads import MLP
-from mcl.loss import LOSSES, TARGET_ASSIGNMENTS, multi_level_loss
+from mcl.loss import LOSSES, TARGET_ASSIGNMENTS, multi_level_loss, per_image_targets
 from mcl.methods.base import MultiLevelModule, cell_features
 from mcl.momentum import cosine_momentum, ema_update, make_target
 
@@ -47,6 +47,7 @@ class MCL(MultiLevelModule):
             )
         self.loss_name = loss
         self.temperature = temperature
+        self.target_assignment = target_assignment
         self.base_momentum = base_momentum
         self.final_momentum = final_momentum
         channels = self.neck.out_channels
@@ -78,6 +79,34 @@ class MCL(MultiLevelModule):
         (features,) = cell_features([(images, 0)], self.target_backbone, self.target_neck, self.target_head)
         return self.target_projector(features)
 
+    @torch.no_grad()
+    def assigned_targets(
+        self,
+        views: torch.Tensor,
+        groups: list[tuple[torch.Tensor, int]],
+        sources: list[list[torch.Tensor]],
+    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None]:
+        """``targets[side][j]`` ``(B, D)`` for each target level ``j`` and, beyond ``top``, the images present.
+
+        ``top`` embeds the plain level-0 views only. ``same-level`` and ``all-levels`` run the target network on the
+        same montages as the online network (the other side's montages, with their own independent cell layout) and
+        give each image the normalised mean of its cells, so the target cost grows like the online cost (1.3125x
+        for the paper's 3 levels).
+        """
+        if self.target_assignment == "top":
+            plain = views[:, :, 0].transpose(0, 1).flatten(0, 1)  # (2B, C, H, W), side-major
+            return [[t] for t in self.target_embeddings(plain).chunk(2)], None
+        features = cell_features(groups, self.target_backbone, self.target_neck, self.target_head)
+        cells = self.target_projector(torch.cat(features)).split([len(f) for f in features])
+        targets: list[list[torch.Tensor]] = [[], []]
+        present: list[list[torch.Tensor]] = [[], []]
+        for side in range(2):
+            for level in range(self.levels):
+                z, mask = per_image_targets(cells[side * self.levels + level], sources[side][level], len(views))
+                targets[side].append(z)
+                present[side].append(mask)
+        return targets, present
+
     def forward_losses(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, 2, levels, C, H, W)``."""
         self.check_views(views, level_axis=2)
@@ -91,9 +120,18 @@ class MCL(MultiLevelModule):
             both = [per_group[side * self.levels + level] for side in range(2)]
             for side, prediction in enumerate(predictor(torch.cat(both)).split([len(b) for b in both])):
                 predictions[side].append(prediction)
-        targets = self.target_embeddings(views[:, :, 0].transpose(0, 1).flatten(0, 1)).chunk(2)
         sources = [[s.flatten() for _, s in side] for side in sides]
-        return multi_level_loss(predictions, sources, targets, self.level_weights, self.loss_name, self.temperature)
+        targets, present = self.assigned_targets(views, groups, sources)
+        return multi_level_loss(
+            predictions,
+            sources,
+            targets,
+            self.level_weights,
+            self.loss_name,
+            self.temperature,
+            self.target_assignment,
+            present,
+        )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, _ = batch
