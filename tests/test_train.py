@@ -1,5 +1,6 @@
 """End to end through Hydra and Lightning: short runs, checkpoints, resume, failures."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from hydra.errors import InstantiationException
 from PIL import Image
 
 from mcl.methods import MCL
+from mcl.results import collect_multirun
 from mcl.train import train
 
 pytestmark = pytest.mark.slow
@@ -128,18 +130,26 @@ def test_image_folder_errors_name_the_folder_and_the_file(tiny_cfg, tmp_path):
         train(tiny_cfg(*base, f"data.train_dir={good}", f"data.val_dir={good}", "validate_at_init=false"))
 
 
-def test_multirun_through_the_console_script_gives_each_job_its_own_folder(tmp_path):
+def test_multirun_gives_each_job_its_own_folder_wandb_run_and_results_row(tmp_path):
     command = [
         str(Path(sys.executable).parent / "mcl-train"), "--multirun", "levels=1,2", "data=synthetic", "batch_size=8",
-        "logger=csv", "validate_at_init=false", "+trainer.max_steps=1", "trainer.max_epochs=1",
+        "logger=wandb", "validate_at_init=false", "+trainer.max_steps=1", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false", "method.projector_hidden_dim=32", "neck.out_channels=16",
         f"hydra.sweep.dir={tmp_path}",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert [job.split("_")[0] for job in jobs] == ["0", "1"]
     assert "levels=1" in jobs[0].split(",") and "levels=2" in jobs[1].split(",")
+    runs = []
     for job in jobs:
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
-        assert (tmp_path / job / "csv" / "version_0" / "hparams.yaml").is_file()
+        (run,) = (tmp_path / job / "wandb").glob("offline-run-*")  # one W&B run per job, in the job's folder
+        runs.append(run.name.rsplit("-", 1)[-1])
+    assert runs[0] != runs[1]
+    table = collect_multirun(tmp_path)
+    assert table["levels"].tolist() == [1, 2]
+    assert table["status"].tolist() == ["finished", "finished"]
+    assert table["train/loss"].gt(0).all()

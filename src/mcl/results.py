@@ -1,0 +1,183 @@
+"""Gather the results of many runs into one table: a Hydra multirun folder, or a W&B project when online.
+
+``mcl-collect multirun/mcl/2026-11-26_16-00-00`` prints one row per job: the job's command-line overrides as
+columns, then its metrics. Jobs that did not finish keep their row (``status`` says so) with the last values their CSV
+log holds, so a crashed job in a sweep is seen rather than silently dropped. In Python, :func:`collect_multirun`
+returns the same table as a :class:`pandas.DataFrame`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from mcl.train import METRICS_FILE
+
+DEFAULT_METRICS = ("init/knn_top1", "val/knn_top1", "val/acc", "val/top1", "val/AP", "train/loss")
+
+
+def parse_override(override: str) -> tuple[str, Any]:
+    """``"method.loss=byol"`` -> ``("method.loss", "byol")``; values are read as YAML (``"2"`` -> ``2``)."""
+    key, sep, value = override.partition("=")
+    if not sep:
+        return override.lstrip("+~"), True
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    return key.lstrip("+~"), parsed if isinstance(parsed, str | int | float | bool) or parsed is None else value
+
+
+def last_logged(job_dir: Path) -> dict[str, float]:
+    """The last value of every metric in the job's CSV logs (``csv/version_*/metrics.csv``), for unfinished jobs."""
+    values: dict[str, float] = {}
+    for path in sorted(job_dir.glob("**/metrics.csv")):
+        frame = pd.read_csv(path)
+        for column in frame.columns.drop(["epoch", "step"], errors="ignore"):
+            logged = frame[column].dropna()
+            if len(logged):
+                values[column] = float(logged.iloc[-1])
+    return values
+
+
+def read_job(job_dir: Path, config_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """One job folder (holding ``.hydra/``) -> ``{"job", "status", <override keys>, <config keys>, <metrics>}``."""
+    row: dict[str, Any] = {"job": job_dir.name}
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    row.update(parse_override(o) for o in overrides)
+    config_path = job_dir / ".hydra" / "config.yaml"
+    if config_keys and config_path.is_file():
+        config = yaml.safe_load(config_path.read_text())
+        for key in config_keys:
+            value: Any = config
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            row.setdefault(key, value)
+    metrics_path = job_dir / METRICS_FILE
+    if metrics_path.is_file():
+        row["status"] = "finished"
+        row.update(json.loads(metrics_path.read_text()))
+    else:
+        row["status"] = "unfinished"
+        row.update(last_logged(job_dir))
+    return row
+
+
+def job_dirs(root: str | Path) -> list[Path]:
+    """Every run folder under ``root`` (a multirun folder, a parent of several, or one run), in job order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no results folder at {root}: pass a multirun folder such as multirun/mcl/<date>")
+    found = [path.parent.parent for path in root.glob("**/.hydra/overrides.yaml")]
+    if not found:
+        raise FileNotFoundError(f"{root} holds no Hydra run (no .hydra/overrides.yaml below it)")
+
+    def order(path: Path) -> tuple:
+        head = path.name.split("_", 1)[0]
+        return (str(path.parent), int(head) if head.isdigit() else -1, path.name)
+
+    return sorted(found, key=order)
+
+
+def to_frame(rows: Iterable[dict[str, Any]], metrics: Sequence[str] | None) -> pd.DataFrame:
+    """Columns: identity and overrides first, then ``metrics`` (all metrics when ``None``) that any row has."""
+    frame = pd.DataFrame(list(rows))
+    if metrics is None:
+        return frame
+    metric_like = {c for c in frame.columns if "/" in c}
+    keep = [c for c in frame.columns if c not in metric_like] + [m for m in metrics if m in frame.columns]
+    return frame[keep]
+
+
+def collect_multirun(
+    root: str | Path,
+    metrics: Sequence[str] | None = DEFAULT_METRICS,
+    config_keys: Sequence[str] = (),
+) -> pd.DataFrame:
+    """One row per job of a Hydra multirun folder: its overrides, ``config_keys`` read from its resolved config,
+    ``status`` and its ``metrics`` (``None``: every metric it wrote)."""
+    return to_frame((read_job(path, config_keys) for path in job_dirs(root)), metrics)
+
+
+def collect_wandb(
+    project: str,
+    filters: dict[str, Any] | None = None,
+    metrics: Sequence[str] | None = DEFAULT_METRICS,
+    config_keys: Sequence[str] = ("levels", "method.target_assignment", "method.loss"),
+    api: Any = None,
+) -> pd.DataFrame:
+    """One row per run of a W&B project (``"entity/project"``; needs network access and a key), e.g.
+    ``filters={"group": "mcl/2026-11-26_16-00-00"}`` for one multirun."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    rows = []
+    for run in api.runs(project, filters=filters or {}):
+        row: dict[str, Any] = {"job": run.name, "group": run.group, "status": run.state}
+        config = dict(run.config)
+        for key in config_keys:
+            value: Any = config
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            row[key] = value
+        row.update({k: v for k, v in dict(run.summary).items() if isinstance(v, int | float) and not k.startswith("_")})
+        rows.append(row)
+    return to_frame(rows, metrics)
+
+
+def print_table(frame: pd.DataFrame, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column), justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
+    for _, row in frame.iterrows():
+        table.add_row(*("" if pd.isna(v) else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row))
+    Console(width=200).print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mcl-collect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="a multirun folder, or entity/project with --wandb")
+    parser.add_argument("--wandb", action="store_true", help="read a W&B project instead of a folder")
+    parser.add_argument("--metric", action="append", help="metric column(s) to show (default: the usual ones)")
+    parser.add_argument("--all-metrics", action="store_true", help="show every metric")
+    parser.add_argument("--config", action="append", default=[], help="resolved config key(s) to add as columns")
+    parser.add_argument("--sort", help="sort rows by this column (descending)")
+    parser.add_argument("--csv", type=Path, help="also write the table to this CSV file")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead")
+    args = parser.parse_args(argv)
+    metrics = None if args.all_metrics else (args.metric or DEFAULT_METRICS)
+    try:
+        if args.wandb:
+            frame = collect_wandb(args.source, metrics=metrics, config_keys=args.config or ("levels",))
+        else:
+            frame = collect_multirun(args.source, metrics=metrics, config_keys=args.config)
+    except FileNotFoundError as error:
+        print(f"mcl-collect: {error}", file=sys.stderr)
+        return 2
+    if args.sort:
+        if args.sort not in frame.columns:
+            print(f"mcl-collect: --sort {args.sort!r} is not a column: {list(frame.columns)}", file=sys.stderr)
+            return 2
+        frame = frame.sort_values(args.sort, ascending=False)
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+    if args.markdown:
+        print(frame.to_markdown(index=False, floatfmt=".2f"))
+    else:
+        print_table(frame, title=str(args.source))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Results collection over multirun folders and W&B projects (with a stand-in API)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from mcl.results import collect_multirun, collect_wandb, main, parse_override
+
+
+def fake_job(root, name, overrides, metrics=None, csv_rows=None, config=None):
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config or {}))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    if csv_rows is not None:
+        (job / "csv" / "version_0").mkdir(parents=True)
+        (job / "csv" / "version_0" / "metrics.csv").write_text(csv_rows)
+    return job
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("levels=2", ("levels", 2)),
+        ("method.target_assignment=same-level", ("method.target_assignment", "same-level")),
+        ("+trainer.max_steps=5", ("trainer.max_steps", 5)),
+        ("method.temperature=0.2", ("method.temperature", 0.2)),
+        ("method.level_weights=[0.5,0.5]", ("method.level_weights", "[0.5,0.5]")),
+    ],
+)
+def test_parse_override(override, expected):
+    assert parse_override(override) == expected
+
+
+def test_multirun_table_has_a_row_per_job_in_job_order(tmp_path):
+    config = {"levels": 3, "method": {"target_assignment": "top"}}
+    for num in (10, 2, 1):  # folder order would put 10 before 2
+        fake_job(tmp_path, f"{num}_levels={num}", [f"levels={num}"], {"val/knn_top1": 60.0 + num}, config=config)
+    fake_job(
+        tmp_path, "3_levels=3", ["levels=3"], csv_rows="epoch,step,val/knn_top1,train/loss\n0,9,55.5,\n0,10,,7.0\n"
+    )
+    frame = collect_multirun(tmp_path, config_keys=["method.target_assignment"])
+    assert frame["job"].tolist() == ["1_levels=1", "2_levels=2", "3_levels=3", "10_levels=10"]
+    assert frame["levels"].tolist() == [1, 2, 3, 10]
+    assert frame["status"].tolist() == ["finished", "finished", "unfinished", "finished"]
+    assert frame["val/knn_top1"].tolist() == [61.0, 62.0, 55.5, 70.0]
+    assert frame.loc[2, "train/loss"] == 7.0  # the last value the CSV log holds
+    assert frame["method.target_assignment"].fillna("-").tolist() == ["top", "top", "-", "top"]
+
+
+def test_missing_or_empty_folders_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results folder at .*nowhere"):
+        collect_multirun(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds no Hydra run"):
+        collect_multirun(tmp_path)
+    assert main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_cli_prints_markdown_sorted_and_writes_csv(tmp_path, capsys):
+    fake_job(tmp_path, "0_levels=1", ["levels=1"], {"val/knn_top1": 61.0})
+    fake_job(tmp_path, "1_levels=2", ["levels=2"], {"val/knn_top1": 64.5})
+    assert main([str(tmp_path), "--markdown", "--sort", "val/knn_top1", "--csv", str(tmp_path / "t.csv")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "val/knn_top1" in lines[0] and "64.50" in lines[2] and "61.00" in lines[3]
+    assert (tmp_path / "t.csv").read_text().splitlines()[1].startswith("1_levels=2")
+    assert main([str(tmp_path), "--sort", "val/acc"]) == 2
+
+
+def test_wandb_project_rows_from_run_config_and_summary():
+    runs = [
+        SimpleNamespace(
+            name="mcl/levels=2",
+            group="mcl/2026-11-26_16-00-00",
+            state="finished",
+            config={"levels": 2, "method": {"target_assignment": "same-level", "loss": "infonce"}},
+            summary={"val/knn_top1": 63.5, "_step": 270, "graph": {"a": 1}},
+        )
+    ]
+    calls = []
+    api = SimpleNamespace(runs=lambda project, filters: calls.append((project, filters)) or runs)
+    frame = collect_wandb("me/mcl", filters={"group": "mcl/2026-11-26_16-00-00"}, api=api)
+    assert calls == [("me/mcl", {"group": "mcl/2026-11-26_16-00-00"})]
+    assert frame.to_dict("records") == [
+        {
+            "job": "mcl/levels=2",
+            "group": "mcl/2026-11-26_16-00-00",
+            "status": "finished",
+            "levels": 2,
+            "method.target_assignment": "same-level",
+            "method.loss": "infonce",
+            "val/knn_top1": 63.5,
+        }
+    ]
