@@ -95,3 +95,11 @@ def test_wandb_project_rows_from_run_config_and_summary():
             "val/knn_top1": 63.5,
         }
     ]
+
+
+def test_long_override_lists_get_short_unique_folder_names():
+    from mcl.train import short_dirname
+
+    assert short_dirname("levels=2,seed=1") == "levels=2,seed=1"
+    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
+    assert len(short_dirname(long_a)) == 120 and short_dirname(long_a) != short_dirname(long_b)

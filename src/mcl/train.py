@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import netrc
@@ -20,6 +21,20 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).parent / "conf")
+DIRNAME_LIMIT = 120
+
+
+def short_dirname(overrides: str, limit: int = DIRNAME_LIMIT) -> str:
+    """A job folder name from its overrides, cut to ``limit`` characters with a hash of the whole when longer
+    (file systems refuse names over 255 bytes; an Optuna trial's overrides easily exceed that)."""
+    if len(overrides) <= limit:
+        return overrides
+    digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
+    return f"{overrides[: limit - 9]}-{digest}"
+
+
+if not OmegaConf.has_resolver("mcl_dirname"):
+    OmegaConf.register_new_resolver("mcl_dirname", short_dirname)
 
 
 def wandb_has_key() -> bool:
