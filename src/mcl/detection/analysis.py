@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from mcl.detection.fashion_canvas import object_scale_spread
 
@@ -26,14 +27,13 @@ def ap_gain(runs: Mapping[str, Mapping[float, float]], baseline: str) -> dict[st
     return {name: {t: ap - reference[t] for t, ap in curve.items()} for name, curve in runs.items() if name != baseline}
 
 
-def plot_ap_by_iou(runs: Mapping[str, Mapping[float, float]], baseline: str, output: str | Path):
-    """Two panels: AP against the IoU threshold for every run, and each run's gain over ``baseline``."""
-    import matplotlib
+def ap_by_iou_figure(runs: Mapping[str, Mapping[float, float]], baseline: str) -> Figure:
+    """Two panels: AP against the IoU threshold for every run, and each run's gain over ``baseline``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    A plain :class:`~matplotlib.figure.Figure` (no pyplot state): a notebook shows it, scripts save it.
+    """
+    figure = Figure(figsize=(10, 4), layout="tight")
+    left, right = figure.subplots(1, 2)
     for name, curve in runs.items():
         left.plot(list(curve), list(curve.values()), marker="o", label=name)
     gains = ap_gain(runs, baseline)
@@ -46,27 +46,29 @@ def plot_ap_by_iou(runs: Mapping[str, Mapping[float, float]], baseline: str, out
     right.axhline(0, color="black", linewidth=0.8)
     for axis in (left, right):
         axis.legend()
-    figure.tight_layout()
-    figure.savefig(output, dpi=120)
-    plt.close(figure)
-    return Path(output)
+    return figure
 
 
-def plot_scale_spread(annotation_files: Mapping[str, str | Path], output: str | Path):
+def scale_spread_figure(annotation_files: Mapping[str, str | Path]) -> Figure:
     """Histogram of object scales (``sqrt(area)``) per dataset, with each dataset's standard deviation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4), layout="tight")
+    axis = figure.subplots()
     for name, path in annotation_files.items():
         scales = np.sqrt([a["area"] for a in json.loads(Path(path).read_text())["annotations"]])
         spread = object_scale_spread(path)
         axis.hist(scales, bins=30, alpha=0.6, label=f"{name} (std {spread['std']:.1f} px)")
     axis.set(xlabel="object scale sqrt(area) (px)", ylabel="objects", title="object scale spread")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(output, dpi=120)
-    plt.close(figure)
+    return figure
+
+
+def plot_ap_by_iou(runs: Mapping[str, Mapping[float, float]], baseline: str, output: str | Path) -> Path:
+    """:func:`ap_by_iou_figure` saved to ``output``."""
+    ap_by_iou_figure(runs, baseline).savefig(output, dpi=120)
+    return Path(output)
+
+
+def plot_scale_spread(annotation_files: Mapping[str, str | Path], output: str | Path) -> Path:
+    """:func:`scale_spread_figure` saved to ``output``."""
+    scale_spread_figure(annotation_files).savefig(output, dpi=120)
     return Path(output)
