@@ -35,6 +35,17 @@ def parse_override(override: str) -> tuple[str, Any]:
     return key.lstrip("+~"), parsed if isinstance(parsed, str | int | float | bool) or parsed is None else value
 
 
+def lookup(config: dict[str, Any], key: str) -> Any:
+    """``config["method"]["loss"]`` for ``"method.loss"`` (or a flat ``"method.loss"`` key, as W&B sweeps set it);
+    ``None`` when a part is missing."""
+    if key in config:
+        return config[key]
+    value: Any = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def last_logged(job_dir: Path) -> dict[str, float]:
     """The last value of every metric in the job's CSV logs (``csv/version_*/metrics.csv``), for unfinished jobs."""
     values: dict[str, float] = {}
@@ -56,10 +67,7 @@ def read_job(job_dir: Path, config_keys: Sequence[str] = ()) -> dict[str, Any]:
     if config_keys and config_path.is_file():
         config = yaml.safe_load(config_path.read_text())
         for key in config_keys:
-            value: Any = config
-            for part in key.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
-            row.setdefault(key, value)
+            row.setdefault(key, lookup(config, key))
     metrics_path = job_dir / METRICS_FILE
     if metrics_path.is_file():
         row["status"] = "finished"
@@ -123,11 +131,7 @@ def collect_wandb(
     for run in api.runs(project, filters=filters or {}):
         row: dict[str, Any] = {"job": run.name, "group": run.group, "status": run.state}
         config = dict(run.config)
-        for key in config_keys:
-            value: Any = config
-            for part in key.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
-            row[key] = value
+        row.update({key: lookup(config, key) for key in config_keys})
         row.update({k: v for k, v in dict(run.summary).items() if isinstance(v, int | float) and not k.startswith("_")})
         rows.append(row)
     return to_frame(rows, metrics)
