@@ -75,11 +75,16 @@ def compose_with_hydra(overrides: list[str]):
 
 
 def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer():
-    cfg = compose_with_hydra(["cluster=slurm", "trainer.num_nodes=2", "trainer.devices=4", "batch_size=128"])
+    cfg = compose_with_hydra(["cluster=slurm", "trainer=multi_node", "trainer.num_nodes=2", "trainer.devices=4"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.sync_batchnorm
+    # A recipe keeps its own trainer: one node of 8 GPUs for the Swin-T recipe, 4 x 8 for the released R50 one.
+    swin = compose_with_hydra(["experiment=mcl_swint_b1024_e100_imagenet", "cluster=slurm"])
+    assert (swin.hydra.launcher.nodes, swin.hydra.launcher.tasks_per_node) == (1, 8)
+    official = compose_with_hydra(["experiment=mcl_official_r50_b4096_e100_imagenet", "cluster=slurm"])
+    assert (official.hydra.launcher.nodes, official.hydra.launcher.tasks_per_node) == (4, 8)
 
 
 def test_optuna_search_composes_its_space():

@@ -136,12 +136,17 @@ def test_multi_level_loss_compares_each_level_with_its_assigned_targets(assignme
     assert set(logs) >= {"loss_level0", "loss_level1", "neg_cos_level1"}
 
 
-def test_multi_level_loss_masks_images_absent_from_a_target_level():
+@pytest.mark.parametrize("loss", ["infonce", "byol"])
+def test_images_absent_from_a_target_level_are_neither_negatives_nor_positives(loss):
+    """Image 2 has no target at this level: it is no negative, and the cell showing it is left out of the mean."""
+    torch.manual_seed(3)
     batch, dim = 3, 4
     z = F.normalize(torch.randn(batch, dim), dim=1)
     present = [[torch.tensor([True, True, False])] for _ in range(2)]
-    sources = [[torch.tensor([0, 1])] for _ in range(2)]
-    predictions = [[z[:2].clone()] for _ in range(2)]
-    masked, _ = multi_level_loss(predictions, sources, [[z], [z]], [1.0], present=present, temperature=0.5)
-    two = [[z[:2]], [z[:2]]]
-    assert masked.item() == pytest.approx(multi_level_loss(predictions, sources, two, [1.0], temperature=0.5)[0].item())
+    sources = [[torch.tensor([0, 1, 2])] for _ in range(2)]
+    predictions = [[torch.randn(3, dim)] for _ in range(2)]
+    masked, logs = multi_level_loss(predictions, sources, [[z], [z]], [1.0], loss, 0.5, present=present)
+    kept_sources = [[torch.tensor([0, 1])] for _ in range(2)]
+    kept = multi_level_loss([[p[0][:2]] for p in predictions], kept_sources, [[z[:2]], [z[:2]]], [1.0], loss, 0.5)[0]
+    assert torch.isfinite(masked) and masked.item() == pytest.approx(kept.item(), rel=1e-6)
+    assert torch.isfinite(logs["pos_cos_level0"])

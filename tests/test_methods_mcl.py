@@ -141,3 +141,11 @@ def test_non_finite_loss_stops_before_the_step():
     model = small_mcl()
     with pytest.raises(FloatingPointError, match="non-finite training loss"):
         model.check_finite(torch.tensor(float("nan")), batch_idx=3)
+
+
+@pytest.mark.parametrize("assignment", ["same-level", "all-levels"])
+def test_batches_that_do_not_fill_every_level_still_give_a_finite_loss(assignment):
+    """B = 20 with the paper rule: level 2 has one 4x4 montage, 16 cells, so 4 images have no level-2 target."""
+    model = small_mcl(levels=3, target_assignment=assignment)
+    loss, logs = model.forward_losses(torch.randn(20, 2, 3, 3, 64, 64))
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in logs.values())

@@ -1,5 +1,6 @@
 """End to end through Hydra and Lightning: short runs, checkpoints, resume, failures."""
 
+import json
 import os
 import subprocess
 import sys
@@ -71,6 +72,10 @@ def test_resume_continues_from_the_checkpoint(tiny_cfg):
     train(resumed)
     second = torch.load(last, weights_only=False)
     assert second["global_step"] == 8  # 4 steps restored + 4 new ones, not 4 from scratch
+    # A requeued job reruns in its own folder without ckpt_path: auto_resume picks up last.ckpt.
+    metrics = train(tiny_cfg("trainer.max_epochs=3"))
+    assert torch.load(last, weights_only=False)["global_step"] == 12
+    assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text()) == pytest.approx(metrics)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch):

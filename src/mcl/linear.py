@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mcl.backbones import Backbone
 from mcl.export import backbone_state, load_pretraining_checkpoint
 from mcl.optim import warmup_cosine
-from mcl.train import finish_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
+from mcl.train import closing_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,8 @@ def linear_eval(cfg: DictConfig) -> dict[str, float]:
     val_loader = DataLoader(datamodule.val_set, **loader)
     probe = LinearProbe(backbone, datamodule.num_classes, hydra.utils.instantiate(cfg.optimizer))
     trainer = instantiate_trainer(cfg)
-    try:
+    with closing_loggers(trainer):
         trainer.fit(probe, train_loader, val_loader)
-    finally:
-        finish_loggers(trainer.loggers)
     metrics = scalar_metrics(trainer.callback_metrics)
     if trainer.is_global_zero:
         save_metrics(metrics, cfg.output_dir)

@@ -62,8 +62,15 @@ def per_image_targets(cells: torch.Tensor, sources: torch.Tensor, batch: int) ->
     """
     unit = F.normalize(cells.float(), dim=1)
     sums = unit.new_zeros(batch, unit.shape[1]).index_add_(0, sources, unit)
-    present = torch.bincount(sources, minlength=batch) > 0
+    present = torch.zeros(batch, dtype=torch.bool, device=sources.device).index_fill_(0, sources, True)
     return F.normalize(sums, dim=1), present
+
+
+def masked_mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` over the ``keep`` entries (all when ``None``); 0 when none is kept. No host sync."""
+    if keep is None:
+        return values.mean()
+    return (values * keep).sum() / keep.sum().clamp_min(1)
 
 
 def info_nce(
@@ -73,25 +80,33 @@ def info_nce(
     temperature: float,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """InfoNCE over cosine logits, scaled by ``2 * temperature`` as in the released code.
+    """InfoNCE over cosine logits, scaled by ``2 * temperature`` as in the released code; logits in float32 even
+    under autocast.
 
     Args:
         predictions: ``(N, D)`` online predictions, one per cell.
         targets: ``(K, D)`` target embeddings of the whole (global) batch.
         labels: ``(N,)`` index into ``targets`` of each cell's positive.
-        valid: optional ``(K,)`` mask; targets outside it are no negatives (images absent from a target level).
+        valid: optional ``(K,)`` mask of the targets that exist (images absent from a target level do not): the
+            others are no negatives, and cells whose positive does not exist are left out of the mean.
     """
-    logits = F.normalize(predictions.float(), dim=1) @ F.normalize(targets.float(), dim=1).T
-    if valid is not None:
-        logits = logits.masked_fill(~valid, float("-inf"))
-    return F.cross_entropy(logits / temperature, labels) * (2 * temperature)
+    with torch.autocast(predictions.device.type, enabled=False):
+        logits = F.normalize(predictions.float(), dim=1) @ F.normalize(targets.float(), dim=1).T
+        keep = None
+        if valid is not None:
+            keep = valid[labels]
+            logits = torch.where(keep[:, None], logits.masked_fill(~valid, float("-inf")), logits)
+        per_cell = F.cross_entropy(logits / temperature, labels, reduction="none")
+        return masked_mean(per_cell, keep) * (2 * temperature)
 
 
-def byol_regression(predictions: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BYOL's ``2 - 2 cos(p, z+)``, averaged over cells; negatives are ignored."""
-    positives = targets[labels]
-    cosine = F.cosine_similarity(predictions.float(), positives.float(), dim=1)
-    return (2 - 2 * cosine).mean()
+def byol_regression(
+    predictions: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """BYOL's ``2 - 2 cos(p, z+)``, averaged over the cells whose positive exists (``valid``); no negatives."""
+    with torch.autocast(predictions.device.type, enabled=False):
+        cosine = F.cosine_similarity(predictions.float(), targets[labels].float(), dim=1)
+        return masked_mean(2 - 2 * cosine, valid[labels] if valid is not None else None)
 
 
 def contrastive_loss(
@@ -105,7 +120,7 @@ def contrastive_loss(
     if name == "infonce":
         return info_nce(predictions, targets, labels, temperature, valid)
     if name == "byol":
-        return byol_regression(predictions, targets, labels)
+        return byol_regression(predictions, targets, labels, valid)
     raise ValueError(f"loss={name!r} is invalid: use one of {LOSSES}")
 
 
@@ -118,6 +133,12 @@ def similarity_stats(
     ``collapse_std`` is the per-dimension standard deviation of the L2-normalised predictions, averaged over
     dimensions: ``1/sqrt(D)`` for well spread embeddings, ``0`` when they collapse to a point.
     """
+    if valid is not None:
+        keep = valid[labels]
+        predictions, labels = predictions[keep], labels[keep]
+    if not len(predictions):
+        zero = targets.new_zeros((), dtype=torch.float32)
+        return {"pos_cos": zero, "neg_cos": zero, "collapse_std": zero}
     p = F.normalize(predictions.float(), dim=1)
     z = F.normalize(targets.float(), dim=1)
     cosine = p @ z.T
@@ -156,7 +177,8 @@ def multi_level_loss(
 
     Side ``s`` is compared with the targets of side ``1 - s`` gathered from every rank, so the label of a cell is
     ``rank * B + source``. Returns ``sum_i w_i (loss_i(A->B) + loss_i(B->A))`` and per-level logs; with several
-    target levels, ``loss_i`` is their mean.
+    target levels, ``loss_i`` is their mean. A cell whose image has no target at level ``j`` (too few montage slots
+    for the batch) is left out of that term; the similarity logs are taken against the first assigned level.
     """
     batch = len(targets[0][0])
     gathered = [[gather_batch(t) for t in side] for side in targets]
@@ -174,8 +196,8 @@ def multi_level_loss(
                 valid = masks[1 - side][j] if masks is not None else None
                 term = contrastive_loss(loss, predictions[side][level], other, labels, temperature, valid)
                 level_loss = level_loss + term / len(compared)
-            if side == 0:
-                stats = similarity_stats(predictions[side][level], other, labels, valid)
+                if side == 0 and j == compared[0]:  # logged against the first assigned target level
+                    stats = similarity_stats(predictions[side][level], other, labels, valid)
         total = total + weight * level_loss
         logs[f"loss_level{level}"] = level_loss.detach()
         logs.update({f"{name}_level{level}": value for name, value in stats.items()})

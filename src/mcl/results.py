@@ -17,22 +17,30 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mcl.train import METRICS_FILE
 
 DEFAULT_METRICS = ("init/knn_top1", "val/knn_top1", "val/acc", "val/top1", "val/AP", "train/loss")
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value as Hydra reads it: int, float (``1e-3`` too), ``true``/``false``, ``null``, else text."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return None if lowered == "null" else text
+
+
 def parse_override(override: str) -> tuple[str, Any]:
-    """``"method.loss=byol"`` -> ``("method.loss", "byol")``; values are read as YAML (``"2"`` -> ``2``)."""
+    """``"method.loss=byol"`` -> ``("method.loss", "byol")``, ``"levels=2"`` -> ``("levels", 2)``."""
     key, sep, value = override.partition("=")
-    if not sep:
-        return override.lstrip("+~"), True
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        parsed = value
-    return key.lstrip("+~"), parsed if isinstance(parsed, str | int | float | bool) or parsed is None else value
+    return key.lstrip("+~"), parse_value(value) if sep else True
 
 
 def lookup(config: dict[str, Any], key: str) -> Any:
@@ -46,10 +54,25 @@ def lookup(config: dict[str, Any], key: str) -> Any:
     return value
 
 
+def resolved(config: DictConfig, key: str) -> Any:
+    """``key`` of a job's saved config with its interpolations resolved (``method.levels`` -> ``3``, not
+    ``${levels}``); the raw value when it needs Hydra's runtime (``${hydra:...}``)."""
+    try:
+        value = OmegaConf.select(config, key)
+    except Exception:  # an interpolation that only resolves inside the Hydra run
+        value = lookup(OmegaConf.to_container(config, resolve=False), key)
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+
+
 def last_logged(job_dir: Path) -> dict[str, float]:
     """The last value of every metric in the job's CSV logs (``csv/version_*/metrics.csv``), for unfinished jobs."""
     values: dict[str, float] = {}
-    for path in sorted(job_dir.glob("**/metrics.csv")):
+
+    def version(path: Path) -> tuple[int, str]:  # version_10 after version_9
+        digits = path.parent.name.rpartition("_")[2]
+        return (int(digits) if digits.isdigit() else -1, str(path))
+
+    for path in sorted(job_dir.glob("**/metrics.csv"), key=version):
         frame = pd.read_csv(path)
         for column in frame.columns.drop(["epoch", "step"], errors="ignore"):
             logged = frame[column].dropna()
@@ -65,9 +88,9 @@ def read_job(job_dir: Path, config_keys: Sequence[str] = ()) -> dict[str, Any]:
     row.update(parse_override(o) for o in overrides)
     config_path = job_dir / ".hydra" / "config.yaml"
     if config_keys and config_path.is_file():
-        config = yaml.safe_load(config_path.read_text())
+        config = OmegaConf.load(config_path)
         for key in config_keys:
-            row.setdefault(key, lookup(config, key))
+            row.setdefault(key, resolved(config, key))
     metrics_path = job_dir / METRICS_FILE
     if metrics_path.is_file():
         row["status"] = "finished"

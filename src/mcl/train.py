@@ -10,6 +10,8 @@ import json
 import logging
 import netrc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,10 @@ DIRNAME_LIMIT = 120
 
 
 def short_dirname(overrides: str, limit: int = DIRNAME_LIMIT) -> str:
-    """A job folder name from its overrides, cut to ``limit`` characters with a hash of the whole when longer
-    (file systems refuse names over 255 bytes; an Optuna trial's overrides easily exceed that)."""
+    """A job folder name from its overrides: ``/`` (paths in values) becomes ``_``, and names longer than ``limit``
+    are cut and end in a hash of the whole (file systems refuse names over 255 bytes; an Optuna trial's overrides
+    easily exceed that)."""
+    overrides = overrides.replace("/", "_")
     if len(overrides) <= limit:
         return overrides
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
@@ -91,11 +95,35 @@ def instantiate_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
     return loggers
 
 
-def finish_loggers(loggers: list[pl.loggers.Logger]) -> None:
-    """Close W&B runs, so that the next job of a multirun (same process) starts its own run."""
+def finish_loggers(loggers: list[pl.loggers.Logger], exit_code: int = 0) -> None:
+    """Close W&B runs, so that the next job of a multirun (same process) starts its own run; a non-zero
+    ``exit_code`` marks the run as failed."""
     for logger in loggers:
         if isinstance(logger, pl.loggers.WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+            logger.experiment.finish(exit_code=exit_code)
+
+
+@contextmanager
+def closing_loggers(trainer: pl.Trainer) -> Iterator[None]:
+    """Finish the trainer's W&B runs when the block ends: failed when it raised, finished otherwise."""
+    try:
+        yield
+    except BaseException:
+        finish_loggers(trainer.loggers, exit_code=1)
+        raise
+    finish_loggers(trainer.loggers)
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``, or with ``auto_resume`` the job folder's ``last.ckpt`` when one exists (a requeued job)."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
+    last = Path(dirpath) / "last.ckpt" if dirpath else None
+    if cfg.get("auto_resume") and last is not None and last.is_file():
+        log.info("resuming from %s (auto_resume; set auto_resume=false to start over)", last)
+        return str(last)
+    return None
 
 
 def save_metrics(metrics: dict[str, float], output_dir: str | Path) -> Path:
@@ -141,20 +169,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (``init/knn_top1``), so a run shows what pretraining added.
     """
     pl.seed_everything(cfg.seed, workers=True)
+    (Path(cfg.output_dir) / METRICS_FILE).unlink(missing_ok=True)  # a rerun in the same folder starts unfinished
+    ckpt_path = resume_path(cfg)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.method, _convert_="all")
     trainer = instantiate_trainer(cfg)
 
     metrics: dict[str, float] = {}
-    try:
-        if cfg.get("validate_at_init") and not cfg.get("ckpt_path"):
+    with closing_loggers(trainer):
+        if cfg.get("validate_at_init") and not ckpt_path:
             initial = trainer.validate(model, datamodule=datamodule, verbose=False)
             for results in initial:
                 metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(results).items()})
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(scalar_metrics(trainer.callback_metrics))
-    finally:
-        finish_loggers(trainer.loggers)
     if trainer.is_global_zero:
         save_metrics(metrics, cfg.output_dir)
     checkpoint = trainer.checkpoint_callback

@@ -25,10 +25,12 @@ def level_montages(
     mode: str = "nearest",
     seed: int = 0,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(montages, sources)`` per level for one side's views ``(B, C, H, W)`` (the same view at every level)."""
+    """``(montages, sources)`` per level for one side's views: ``(B, levels, C, H, W)``, one view per level as in
+    training, or ``(B, C, H, W)``, the same view at every level."""
     generator = torch.Generator().manual_seed(seed)
     counts = montage_counts(rule, len(views), levels)
-    return [assemble_montage(views, level, counts[level], mode, generator) for level in range(levels)]
+    per_level = views.unbind(1) if views.ndim == 5 else [views] * levels
+    return [assemble_montage(per_level[level], level, counts[level], mode, generator) for level in range(levels)]
 
 
 def montage_figure(

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from mcl.detection.coco import STAT_NAMES, CocoDetection, coco_evaluate, collate, to_coco_results
 from mcl.detection.models import build_detector, load_pretrained
 from mcl.distributed import world_size
-from mcl.train import finish_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
+from mcl.train import closing_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +133,13 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     )
     module.coco = val_set.coco
     trainer = instantiate_trainer(cfg, max_epochs=cfg.schedule.max_epochs)
-    try:
+    with closing_loggers(trainer):
         trainer.fit(
             module,
             DataLoader(train_set, shuffle=True, drop_last=True, **loader),
             DataLoader(val_set, **loader),
             ckpt_path=cfg.get("ckpt_path"),
         )
-    finally:
-        finish_loggers(trainer.loggers)
     metrics: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
     if trainer.is_global_zero:
         save_metrics(metrics, cfg.output_dir)
