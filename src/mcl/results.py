@@ -120,11 +120,11 @@ def job_dirs(root: str | Path) -> list[Path]:
 def to_frame(rows: Iterable[dict[str, Any]], metrics: Sequence[str] | None) -> pd.DataFrame:
     """Columns: identity and overrides first, then ``metrics`` (all metrics when ``None``) that any row has."""
     frame = pd.DataFrame(list(rows))
-    if metrics is None:
-        return frame
-    metric_like = {c for c in frame.columns if "/" in c}
-    keep = [c for c in frame.columns if c not in metric_like] + [m for m in metrics if m in frame.columns]
-    return frame[keep]
+    first = [c for c in ("job", "group", "status") if c in frame.columns]
+    metric_like = [c for c in frame.columns if "/" in c]
+    settings = [c for c in frame.columns if c not in first and c not in metric_like]
+    shown = metric_like if metrics is None else [m for m in metrics if m in frame.columns]
+    return frame[first + settings + shown]
 
 
 def collect_multirun(
