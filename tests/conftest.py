@@ -28,10 +28,13 @@ def small_trunk(levels: int, **kwargs) -> dict:
     }
 
 
-def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
-    """Compose ``train.yaml`` with ``overrides``; ``output_dir`` replaces the Hydra run directory."""
+def compose_train(
+    overrides: list[str] | None = None, output_dir: Path | None = None, with_hydra: bool = False
+) -> DictConfig:
+    """Compose ``train.yaml`` with ``overrides``; ``output_dir`` replaces the Hydra run directory. ``with_hydra``
+    keeps the ``hydra`` node (launcher, sweeper)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides or [], return_hydra_config=False)
+        cfg = compose(config_name="train", overrides=overrides or [], return_hydra_config=with_hydra)
     with open_dict(cfg):
         cfg.output_dir = str(output_dir or Path.cwd())
     return cfg

@@ -9,12 +9,10 @@ from pathlib import Path
 import hydra
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
 from mcl.results import collect_multirun
-from mcl.train import CONFIG_DIR
 
 from .conftest import TINY, compose_train
 
@@ -69,26 +67,25 @@ def test_wandb_sweep_command_is_accepted_by_the_console_script(tmp_path):
     assert "WandbLogger" in job["logger"]["wandb"]["_target_"]
 
 
-def compose_with_hydra(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
-
-
 def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer():
-    cfg = compose_with_hydra(["cluster=slurm", "trainer=multi_node", "trainer.num_nodes=2", "trainer.devices=4"])
+    cfg = compose_train(
+        with_hydra=True, overrides=["cluster=slurm", "trainer=multi_node", "trainer.num_nodes=2", "trainer.devices=4"]
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.sync_batchnorm
     # A recipe keeps its own trainer: one node of 8 GPUs for the Swin-T recipe, 4 x 8 for the released R50 one.
-    swin = compose_with_hydra(["experiment=mcl_swint_b1024_e100_imagenet", "cluster=slurm"])
+    swin = compose_train(with_hydra=True, overrides=["experiment=mcl_swint_b1024_e100_imagenet", "cluster=slurm"])
     assert (swin.hydra.launcher.nodes, swin.hydra.launcher.tasks_per_node) == (1, 8)
-    official = compose_with_hydra(["experiment=mcl_official_r50_b4096_e100_imagenet", "cluster=slurm"])
+    official = compose_train(
+        with_hydra=True, overrides=["experiment=mcl_official_r50_b4096_e100_imagenet", "cluster=slurm"]
+    )
     assert (official.hydra.launcher.nodes, official.hydra.launcher.tasks_per_node) == (4, 8)
 
 
 def test_optuna_search_composes_its_space():
-    cfg = compose_with_hydra(["search=fmnist_optuna"])
+    cfg = compose_train(with_hydra=True, overrides=["search=fmnist_optuna"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"levels", "method.target_assignment", "method.temperature", "optimizer.lr"}
