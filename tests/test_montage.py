@@ -47,6 +47,32 @@ def test_cells_use_every_image_evenly_and_deterministically():
     assert not torch.equal(sources, other)
 
 
+@pytest.mark.parametrize("batch", [8, 64])
+def test_repeats_land_in_independent_cells(batch):
+    """The official counts at level 3 give ``B/32`` montages of 64 cells: ``2B`` slots, each image twice. No two
+    montages may be copies of each other, and each image's two cells must not sit at the same position."""
+    level, num_montages = 3, montage_counts("official", batch, 4)[3]
+    _, sources = assemble_montage(numbered_images(batch, 64), level, num_montages, generator=torch.Generator())
+    slots = sources.flatten()
+    assert len(slots) >= 2 * batch
+    assert set(torch.bincount(slots, minlength=batch).tolist()) <= {len(slots) // batch, -(-len(slots) // batch)}
+    cells = sources.view(num_montages, -1)
+    assert all(not torch.equal(cells[a], cells[b]) for a in range(num_montages) for b in range(a))
+    # Repeated permutations would put image b at the same offset in every block of B slots; independent draws don't.
+    blocks = slots[: len(slots) // batch * batch].view(-1, batch)
+    assert not all(torch.equal(blocks[0], block) for block in blocks[1:])
+
+
+def test_fewer_slots_than_images_pick_random_images():
+    images = numbered_images(16)
+    seen = set()
+    for seed in range(20):
+        _, sources = assemble_montage(images, 1, 1, generator=torch.Generator().manual_seed(seed))
+        assert len(set(sources.flatten().tolist())) == 4  # 4 slots, 4 distinct images
+        seen.update(sources.flatten().tolist())
+    assert len(seen) > 8  # not always the same low indices
+
+
 def test_paper_rule_places_each_image_once_per_level():
     images = numbered_images(16)
     for level in range(3):

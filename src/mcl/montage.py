@@ -7,7 +7,6 @@ it is what the loss uses to find each cell's positive.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -69,13 +68,19 @@ def downscale(images: torch.Tensor, factor: int, mode: str = "nearest") -> torch
 
 
 def fill_cells(batch_size: int, slots: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Batch indices for ``slots`` cells: one random permutation of the batch, repeated until the cells are full.
+    """Batch indices for ``slots`` cells: a random permutation of the slots taken modulo the batch size, as the
+    released code draws them.
 
-    Every image appears ``floor(slots / B)`` or ``ceil(slots / B)`` times.
+    Every image appears ``floor(slots / B)`` or ``ceil(slots / B)`` times and its repeats land in independent random
+    cells, so no two montages of a level are copies of each other. The residues go through a random permutation of
+    the batch, so that when ``slots`` is not a multiple of ``B`` the images with one cell more (or, with fewer slots
+    than images, the images that appear at all) are random too; when it is a multiple, the distribution is exactly
+    the released code's.
     """
     generator_device = generator.device if generator is not None else device
-    order = torch.randperm(batch_size, generator=generator, device=generator_device).to(device)
-    return order.repeat(math.ceil(slots / batch_size))[:slots]
+    residues = torch.randperm(slots, generator=generator, device=generator_device).remainder_(batch_size)
+    images = torch.randperm(batch_size, generator=generator, device=generator_device)
+    return images[residues].to(device)
 
 
 def assemble_montage(
