@@ -4,9 +4,10 @@ Run with ``make bench`` (``.venv/bin/python benchmarks/cost.py``); ``--help`` li
 ``benchmarks/README.md`` explains the figures. Results go to ``benchmarks/results/cost.json``.
 
 FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` on ``meta`` tensors (shapes only, no
-arithmetic), through the library's own code: ``MCL.build_montages`` and ``mcl.methods.base.cell_features``.
+arithmetic), through the library's own code: ``MCL.build_montages``, ``MCL.online_pass`` and ``MCL.target_pass``.
 The online network (montages -> backbone -> pyramid -> tile head -> projector -> per-level predictors, forward
-and backward) and the target network (level-0 views, forward only) are counted apart. Step times are
+and backward) and the target network (forward only; under the default ``bn_groups=per_side`` its backbone sees the
+montages too, as in the released code) are counted apart. Step times are
 wall-clock times of a whole training step (``MCL.forward_losses``, backward, SGD step, EMA update).
 """
 
@@ -30,7 +31,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from mcl.methods import MCL
-from mcl.methods.base import cell_features
+from mcl.methods.mcl import BN_GROUPS
 from mcl.momentum import ema_update
 
 LEVELS = (1, 2, 3, 4)
@@ -39,6 +40,8 @@ EMA_MOMENTUM = 0.99
 # The issue's acceptance check: with only the needed pyramid levels computed, 3 levels cost at most 1.40x the
 # online FLOPs of 1 level, in the paper's setting (ResNet-50 at 224 px).
 CHECK_SETTING, CHECK_LEVELS, CHECK_LIMIT = "resnet50@224", 3, 1.40
+# The BatchNorm groupings are compared at the paper's level count.
+GROUPING_LEVELS = 3
 
 # One side's montages per level, as ``MultiLevelModule.build_montages`` returns them: ``(montages, sources)``.
 Side = list[tuple[torch.Tensor, torch.Tensor]]
@@ -88,7 +91,7 @@ def appendix_ratio(levels: int) -> float:
     return sum(4.0**-level for level in range(levels))
 
 
-def build_model(setting: Setting, levels: int) -> MCL:
+def build_model(setting: Setting, levels: int, bn_groups: str = "per_side") -> MCL:
     """An MCL model with the library's defaults (paper montage counts and level weights, FPN neck), on CPU."""
     return MCL(
         backbone={"name": setting.backbone},
@@ -97,6 +100,7 @@ def build_model(setting: Setting, levels: int) -> MCL:
         levels=levels,
         montage_counts="paper",
         level_weights="paper",
+        bn_groups=bn_groups,
     )
 
 
@@ -118,50 +122,41 @@ def assemble(model: MCL, batch: int) -> tuple[list[Side], int]:
     return sides, flops
 
 
-def online_network(model: MCL, groups: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-    """What ``MCL.forward_losses`` runs on the online side, reduced to a scalar to backpropagate.
-
-    ``groups`` are side-major as in ``forward_losses``: ``(side 0, level 0), ..., (side 1, level L-1)``.
-    """
-    cells = cell_features(groups, model.backbone, model.neck, model.head)
-    embeddings = model.projector(torch.cat(cells)).split([len(c) for c in cells])
-    levels = model.levels
-    predictions = [
-        model.predictors[level](torch.cat([embeddings[side * levels + level] for side in range(2)]))
-        for level in range(levels)
-    ]
-    return torch.stack([p.sum() for p in predictions]).sum()
+def online_network(model: MCL, sides: list[Side]) -> torch.Tensor:
+    """``MCL.online_pass`` (what ``forward_losses`` runs on the online side), reduced to a scalar to backpropagate."""
+    return torch.stack([p.sum() for p in model.online_pass(sides).values()]).sum()
 
 
-def online_backbone(model: MCL, groups: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+def online_backbone(model: MCL, sides: list[Side]) -> torch.Tensor:
     """The backbone alone on the same montages, reduced to a scalar: its part of the online cost."""
-    features = model.backbone(torch.cat([montages for montages, _ in groups]))
+    features = model.backbone(torch.cat([montages for side in sides for montages, _ in side]))
     return torch.stack([f.sum() for f in features]).sum()
 
 
 def network_flops(model: MCL, sides: list[Side]) -> dict[str, Any]:
     """FLOPs of the online network (forward + backward) on both sides' montages, of its backbone alone, and of
-    the target network (forward) on both sides' level-0 views, on the model's device."""
+    the target network (``MCL.target_pass``, forward), on the model's device."""
     device = model.device
-    groups = [(montages.to(device), level) for side in sides for level, (montages, _) in enumerate(side)]
-    online = counted_flops(lambda: online_network(model, groups).backward())
+    sides = [[(montages.to(device), sources.to(device)) for montages, sources in side] for side in sides]
+    online = counted_flops(lambda: online_network(model, sides).backward())
     model.zero_grad(set_to_none=True)
-    backbone = counted_flops(lambda: online_backbone(model, groups).backward())
+    backbone = counted_flops(lambda: online_backbone(model, sides).backward())
     model.zero_grad(set_to_none=True)
-    batch = len(sides[0][0][0])
-    size = model.image_size
-    target_views = torch.zeros(2 * batch, 3, size, size, device=device)
-    target = counted_flops(lambda: model.target_embeddings(target_views))
+    batch, size = len(sides[0][0][0]), model.image_size
+    views = torch.zeros(1, 1, 1, 3, size, size, device=device).expand(batch, 2, model.levels, 3, size, size)
+    target = counted_flops(lambda: model.target_pass(views, sides))
     return {"online_flops": online, "online_backbone_flops": backbone, "target_flops": target}
 
 
-def count_flops(setting: Setting, levels: int, batches: tuple[int, ...], meta: bool = True) -> dict[int, Any]:
+def count_flops(
+    setting: Setting, levels: int, batches: tuple[int, ...], meta: bool = True, bn_groups: str = "per_side"
+) -> dict[int, Any]:
     """Per batch size, the FLOPs of one training step: montage assembly, online network, target network.
 
     ``model.build_montages`` runs on the CPU (its random generator needs a real device); with ``meta`` the
     networks then run on ``meta`` tensors, which gives the same counts at no arithmetic cost.
     """
-    model = build_model(setting, levels)
+    model = build_model(setting, levels, bn_groups)
     assembled = {batch: assemble(model, batch) for batch in batches}
     model.to("meta" if meta else "cpu")
     counts = {}
@@ -225,10 +220,10 @@ def timed_montages(model: MCL, device: torch.device) -> Iterator[list[float]]:
 class StepRunner:
     """A model, its optimiser and a fixed batch of random views: times training steps of one level count."""
 
-    def __init__(self, setting: Setting, levels: int, device: torch.device, amp: bool):
+    def __init__(self, setting: Setting, levels: int, device: torch.device, amp: bool, bn_groups: str = "per_side"):
         self.device = device
         self.amp = amp
-        self.model = build_model(setting, levels).to(device)
+        self.model = build_model(setting, levels, bn_groups).to(device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         size = setting.image_size
@@ -253,23 +248,28 @@ class StepRunner:
 
 
 def time_steps(setting: Setting, device: torch.device, amp: bool) -> dict[int, dict[str, Any]]:
-    """Per level count: step times and montage-assembly shares of ``setting.repeats`` steps after warm-up.
+    """Per level count: step times and montage-assembly shares of ``setting.repeats`` steps after warm-up."""
+    return interleaved_times(setting, {levels: StepRunner(setting, levels, device, amp) for levels in LEVELS})
 
-    The level counts take turns step by step, so that a change in machine load affects all of them alike.
+
+def interleaved_times(setting: Setting, runners: dict[Any, StepRunner]) -> dict[Any, dict[str, Any]]:
+    """Per runner: step times and montage-assembly shares of ``setting.repeats`` steps after warm-up.
+
+    The runners take turns step by step, so that a change in machine load affects all of them alike.
     """
-    runners = {levels: StepRunner(setting, levels, device, amp) for levels in LEVELS}
-    steps: dict[int, list[float]] = {levels: [] for levels in LEVELS}
-    montages: dict[int, list[float]] = {levels: [] for levels in LEVELS}
+    steps: dict[Any, list[float]] = {key: [] for key in runners}
+    montages: dict[Any, list[float]] = {key: [] for key in runners}
     for round_index in range(setting.warmup + setting.repeats):
-        for levels, runner in runners.items():
+        for key, runner in runners.items():
             step_s, montage_s = runner.timed_step()
             if round_index >= setting.warmup:
-                steps[levels].append(step_s)
-                montages[levels].append(montage_s)
-    del runners
+                steps[key].append(step_s)
+                montages[key].append(montage_s)
+    device = next(iter(runners.values())).device
+    runners.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {levels: summarize_steps(setting, steps[levels], montages[levels]) for levels in LEVELS}
+    return {key: summarize_steps(setting, steps[key], montages[key]) for key in steps}
 
 
 def summarize_steps(setting: Setting, steps: list[float], montages: list[float]) -> dict[str, Any]:
@@ -283,6 +283,33 @@ def summarize_steps(setting: Setting, steps: list[float], montages: list[float])
         "montage_s": montages,
         "montage_share": statistics.median(m / s for m, s in zip(montages, steps, strict=True)),
     }
+
+
+# ----------------------------------------------------------------------------------- BatchNorm grouping
+def grouping_costs(setting: Setting, device: torch.device, amp: bool, console: Console) -> list[dict[str, Any]]:
+    """FLOPs and step time of each ``bn_groups`` choice at 3 levels; ratios against ``joint``."""
+    console.log(f"{setting.name}: bn_groups {list(BN_GROUPS)} at {GROUPING_LEVELS} levels")
+    flops = {
+        groups: count_flops(setting, GROUPING_LEVELS, (setting.flop_batch,), bn_groups=groups)[setting.flop_batch]
+        for groups in BN_GROUPS
+    }
+    runners = {groups: StepRunner(setting, GROUPING_LEVELS, device, amp, groups) for groups in BN_GROUPS}
+    timing = interleaved_times(setting, runners)
+    base_flops, base_time = flops["joint"], timing["joint"]["step_s_median"]
+    return [
+        {
+            "setting": setting.name,
+            "levels": GROUPING_LEVELS,
+            "bn_groups": groups,
+            "flop_batch": setting.flop_batch,
+            "online_flops": flops[groups]["online_flops"],
+            "target_flops": flops[groups]["target_flops"],
+            "target_ratio": flops[groups]["target_flops"] / base_flops["target_flops"],
+            "time": timing[groups],
+            "time_ratio": timing[groups]["step_s_median"] / base_time,
+        }
+        for groups in BN_GROUPS
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- the bench
@@ -415,6 +442,23 @@ def time_table(settings: list[dict[str, Any]], device: str) -> Table:
     return table
 
 
+def grouping_table(rows: list[dict[str, Any]], device: str) -> Table:
+    table = Table(title=f"BatchNorm grouping (method.bn_groups), {GROUPING_LEVELS} levels; time on {device}")
+    for column in ("setting", "bn_groups", "online GFLOP", "target GFLOP", "target", "step s", "time"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row["setting"],
+            row["bn_groups"],
+            f"{row['online_flops'] / 1e9:,.1f}",
+            f"{row['target_flops'] / 1e9:,.1f}",
+            times(row["target_ratio"]),
+            f"{row['time']['step_s_median']:.3f}",
+            times(row["time_ratio"]),
+        )
+    return table
+
+
 FLOP_LEGEND = (
     "appendix: sum(4^-i), images through the online backbone vs 1 level (1.3125x for 3 levels). "
     "backbone, online, online+target: measured FLOP ratios vs levels=1 at the same batch."
@@ -433,6 +477,10 @@ def report(results: dict[str, Any], console: Console) -> None:
     console.print(FLOP_LEGEND)
     console.print(time_table(settings, results["environment"]["device"]))
     console.print(TIME_LEGEND)
+    console.print(grouping_table(results["bn_groups"], results["environment"]["device"]))
+    console.print(
+        "target, time: target FLOPs and step time vs bn_groups=joint (FLOPs at batch 64, time at the timing batch)."
+    )
     check, self_check = results["check"], results["self_check"]
     verdict = "[bold green]PASS[/]" if check["passed"] else "[bold red]FAIL[/]"
     console.print(
@@ -481,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"environment": environment(device, args)}
     settings = settings_for(device, args.quick, args.repeats)
     results["settings"] = [run_setting(setting, device, args.amp, console) for setting in settings]
+    results["bn_groups"] = [row for setting in settings for row in grouping_costs(setting, device, args.amp, console)]
     results["check"] = flop_check(results["settings"])
     results["self_check"] = meta_matches_real()
     results["runtime_s"] = time.perf_counter() - start

@@ -28,21 +28,40 @@ def test_resnet50_channels():
 
 
 def test_partial_fpn_matches_torchvision_full_pyramid(resnet18):
+    """Images ordered by level (2 of level 0, 1 of level 1, 3 of level 2, 2 of level 3): each level's map is
+    torchvision's full-pyramid map of its own images."""
     torch.manual_seed(0)
     neck = PartialFPN(resnet18.channels, 32).eval()
+    counts = [2, 1, 3, 2]
     with torch.no_grad():
-        features = resnet18(torch.randn(2, 3, 64, 64))
+        features = resnet18(torch.randn(sum(counts), 3, 64, 64))
         full = list(neck(dict(enumerate(features))).values())  # P2..P5
-        for level in range(4):
-            assert torch.allclose(neck.forward_level(features, level), full[3 - level], atol=1e-6)
+        maps = neck.forward_levels(features, counts)
+        start = 0
+        for level, count in enumerate(counts):
+            assert torch.allclose(maps[level], full[3 - level][start : start + count], atol=1e-6)
+            start += count
+
+
+def test_partial_fpn_batchnorm_sees_the_images_that_need_each_map(resnet18):
+    """Train mode: the C5 lateral normalises over every image, the P5 output conv over the level-0 images only."""
+    torch.manual_seed(0)
+    neck = PartialFPN(resnet18.channels, 8, levels=2)
+    with torch.no_grad():
+        features = resnet18(torch.randn(5, 3, 64, 64))
+        level0, _ = neck.forward_levels(features, [2, 3])
+        inner = neck.get_result_from_inner_blocks(features[3], 1)  # over all 5 images
+        assert torch.allclose(level0, neck.get_result_from_layer_blocks(inner[:2], 1), atol=1e-6)
+        alone = neck.get_result_from_inner_blocks(features[3][:2], 1)
+        assert not torch.allclose(level0, neck.get_result_from_layer_blocks(alone, 1), atol=1e-3)
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3, 4])
 def test_fpn_builds_only_the_maps_its_levels_read(resnet18, levels):
     neck = build_neck("fpn", resnet18.channels, 16, levels=levels)
     assert len(neck.inner_blocks) == len(neck.layer_blocks) == levels
-    features = resnet18(torch.randn(2, 3, 64, 64))
-    sum(neck.forward_level(features, level).sum() for level in range(levels)).backward()
+    features = resnet18(torch.randn(2 * levels, 3, 64, 64))
+    sum(level_map.sum() for level_map in neck.forward_levels(features, [2] * levels)).backward()
     assert all(p.grad is not None for p in neck.parameters())
 
 
@@ -52,10 +71,9 @@ def test_every_level_map_splits_into_one_t_by_t_tile_per_cell(resnet18, neck_nam
     neck = build_neck(neck_name, resnet18.channels, 16).eval()
     tile = image_size // 32
     with torch.no_grad():
-        features = resnet18(torch.randn(1, 3, image_size, image_size))
-        for level in range(4):
+        features = resnet18(torch.randn(4, 3, image_size, image_size))
+        for level, pyramid_map in enumerate(neck.forward_levels(features, [1, 1, 1, 1])):
             grid = 2**level
-            pyramid_map = neck.forward_level(features, level)
             assert pyramid_map.shape[-2:] == (grid * tile, grid * tile)
             assert split_tiles(pyramid_map, grid).shape == (grid * grid, 16, tile, tile)
 

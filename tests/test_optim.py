@@ -1,9 +1,20 @@
+import math
+
 import pytest
 import torch
-from timm.optim import Lars
+from timm.optim import Lars as TimmLars
 from torch import nn
 
-from mcl.optim import parameter_groups, scaled_lr, warmup_cosine
+from mcl.methods import MCL
+from mcl.optim import (
+    Lars,
+    excluded_from_decay,
+    learning_rate,
+    official_cosine,
+    parameter_groups,
+    scaled_lr,
+    warmup_cosine,
+)
 
 
 def test_biases_and_norm_parameters_get_no_weight_decay():
@@ -21,7 +32,7 @@ def test_lars_adapts_weights_but_not_the_excluded_group():
     weight_before, bias_before = model.weight.detach().clone(), model.bias.detach().clone()
     model.weight.grad = torch.ones(4, 4)
     model.bias.grad = torch.ones(4)
-    optimizer = Lars(parameter_groups(model, 1e-5), lr=0.5, momentum=0.9, trust_coeff=1e-3)
+    optimizer = TimmLars(parameter_groups(model, 1e-5), lr=0.5, momentum=0.9, trust_coeff=1e-3)
     optimizer.step()
     # The bias moves by a plain SGD step; the weight by a trust-ratio scaled one.
     assert torch.allclose(model.bias.detach(), bias_before - 0.5)
@@ -44,3 +55,87 @@ def test_linear_lr_scaling():
     assert scaled_lr(1.0, 4096) == 16.0
     assert scaled_lr(0.3, 64) == pytest.approx(0.075)
     assert scaled_lr(0.3, 64, None) == 0.3
+
+
+@pytest.fixture(scope="module")
+def resnet50_mcl():
+    return MCL(backbone={"name": "resnet50"}, neck={"name": "fpn"}, image_size=224, levels=4)
+
+
+def test_official_no_decay_list_keeps_decay_on_nine_norm_weights(resnet50_mcl):
+    """The released regexes miss the 4 shortcut-BN weights and the projector's and 4 predictors' BatchNorm1d weights."""
+    names = dict(resnet50_mcl.named_parameters())
+    ndim = {n for n, p in names.items() if p.requires_grad and excluded_from_decay(n, p, "ndim")}
+    official = {n for n, p in names.items() if p.requires_grad and excluded_from_decay(n, p, "official")}
+    assert official < ndim
+    assert sorted(ndim - official) == sorted(
+        [f"backbone.model.layer{i}.0.downsample.1.weight" for i in range(1, 5)]
+        + ["projector.1.weight"]
+        + [f"predictors.{i}.1.weight" for i in range(4)]
+    )
+    assert all(n.endswith("bias") or names[n].ndim == 1 for n in official)
+    decay, no_decay = parameter_groups(resnet50_mcl, 1e-5, "official")
+    assert len(no_decay["params"]) == len(official) and len(decay["params"]) + len(official) == sum(
+        p.requires_grad for p in names.values()
+    )
+    with pytest.raises(ValueError, match="no_decay_rule='regex'"):
+        excluded_from_decay("x.bias", names["projector.1.weight"], "regex")
+
+
+def released_lars(weight, grads, lrs, momentum=0.9, weight_decay=1e-5, trust_coeff=1e-3):
+    """The released LARS, written from its formula: ``u = (g + wd w) * eta |w| / (|g| + wd |w|)``,
+    ``buf = m buf + lr u``, ``w -= buf``."""
+    buffer = None
+    for grad, lr in zip(grads, lrs, strict=True):
+        trust = trust_coeff * weight.norm() / (grad.norm() + weight_decay * weight.norm())
+        step = lr * (grad + weight_decay * weight) * trust
+        buffer = step if buffer is None else momentum * buffer + step
+        weight = weight - buffer
+    return weight
+
+
+def run_lars(weight, grads, lrs, lr_in_momentum):
+    parameter = nn.Parameter(weight.clone())
+    optimizer = Lars([parameter], lr=lrs[0], momentum=0.9, weight_decay=1e-5, eps=0.0, lr_in_momentum=lr_in_momentum)
+    for grad, lr in zip(grads, lrs, strict=True):
+        optimizer.param_groups[0]["lr"] = lr
+        parameter.grad = grad
+        optimizer.step()
+    return parameter.detach()
+
+
+def test_lars_with_the_lr_in_the_momentum_buffer_follows_the_released_formula():
+    torch.manual_seed(0)
+    weight = torch.randn(8, 8, dtype=torch.float64)
+    grads = [torch.randn(8, 8, dtype=torch.float64) for _ in range(6)]
+    warmup = [0.1, 0.5, 1.0, 2.0, 4.0, 8.0]
+    expected = released_lars(weight, grads, warmup)
+    assert torch.allclose(run_lars(weight, grads, warmup, lr_in_momentum=True), expected, rtol=1e-10, atol=1e-12)
+    # timm's rule applies each step's lr to the whole buffer: different while the lr changes ...
+    assert not torch.allclose(run_lars(weight, grads, warmup, lr_in_momentum=False), expected, rtol=1e-3)
+    # ... and the same at a constant lr.
+    constant = [2.0] * 6
+    timm_rule = run_lars(weight, grads, constant, lr_in_momentum=False)
+    assert torch.allclose(timm_rule, released_lars(weight, grads, constant), rtol=1e-10, atol=1e-12)
+
+
+def test_official_schedule_values():
+    """A cosine over the whole run from step 0, times a warmup factor rising linearly from warmup_ratio to 1."""
+    base, low, ratio, total, warmup = 16.0, 1e-4, 1e-4, 1000, 100
+
+    def cosine(step):
+        return low + (base - low) * (1 + math.cos(math.pi * step / total)) / 2
+
+    assert official_cosine(0, total, warmup, base, low, ratio) == pytest.approx(base * ratio)
+    assert official_cosine(50, total, warmup, base, low, ratio) == pytest.approx(cosine(50) * (ratio + (1 - ratio) / 2))
+    assert official_cosine(99, total, warmup, base, low, ratio) == pytest.approx(
+        cosine(99) * (ratio + 0.99 * (1 - ratio))
+    )
+    assert official_cosine(100, total, warmup, base, low, ratio) == pytest.approx(cosine(100))
+    assert official_cosine(500, total, warmup, base, low, ratio) == pytest.approx((base + low) / 2)
+    assert official_cosine(1000, total, warmup, base, low, ratio) == pytest.approx(low)
+    # The library's other shape reaches the base lr at the end of warmup and starts its cosine there.
+    assert learning_rate("warmup_then_cosine", 99, total, warmup, base, low) == pytest.approx(base)
+    assert learning_rate("warmup_then_cosine", 550, total, warmup, base, low) == pytest.approx((base + low) / 2)
+    with pytest.raises(ValueError, match="scheduler.shape='step'"):
+        learning_rate("step", 0, total, warmup, base, low)

@@ -1,26 +1,81 @@
-"""Optimiser parameter groups and learning-rate schedules (SPEC §6)."""
+"""Optimiser parameter groups, LARS with the released code's momentum rule, and learning-rate schedules (SPEC §6)."""
 
 from __future__ import annotations
 
 import math
 
+import torch
+from timm.optim import Lars as TimmLars
 from torch import nn
 
+NO_DECAY_RULES = ("ndim", "official")
+SCHEDULE_SHAPES = ("official", "warmup_then_cosine")
+# The released code excludes parameters by the regexes ``(bn|gn)(\d+)?.(weight|bias)`` and ``bias``. They miss the
+# BatchNorm weights of the residual shortcuts (``downsample.1``) and of the projector's and predictors' MLPs, which
+# therefore keep weight decay and the LARS trust ratio there.
+OFFICIAL_DECAYED_NORMS = (".downsample.", ".projector.", ".predictors.")
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with ``weight_decay``, and biases and norm parameters (every tensor of ndim <= 1) without.
 
-    With ``timm.optim.Lars`` a group whose weight decay is 0 also skips the trust-ratio adaptation, which is what
-    the released code does for biases and BN parameters.
+def excluded_from_decay(name: str, parameter: torch.Tensor, rule: str = "ndim") -> bool:
+    """Whether the parameter called ``name`` gets no weight decay (and, with LARS, no trust ratio).
+
+    ``ndim``: every tensor with ``ndim <= 1`` (biases and norm parameters). ``official``: the released code's list,
+    i.e. biases and norm weights except those in :data:`OFFICIAL_DECAYED_NORMS` (9 tensors of ResNet-50 MCL).
+    """
+    if rule == "ndim":
+        return parameter.ndim <= 1
+    if rule == "official":
+        if name.endswith("bias"):
+            return True
+        return parameter.ndim <= 1 and not any(part in f".{name}" for part in OFFICIAL_DECAYED_NORMS)
+    raise ValueError(f"no_decay_rule={rule!r} is invalid: use one of {NO_DECAY_RULES}")
+
+
+def parameter_groups(module: nn.Module, weight_decay: float, rule: str = "ndim") -> list[dict]:
+    """Two groups: weights with ``weight_decay``, and the parameters :func:`excluded_from_decay` picks, without.
+
+    With :class:`Lars` a group whose weight decay is 0 also skips the trust-ratio adaptation, as the released code
+    does for the parameters it excludes.
     """
     decay, no_decay = [], []
-    for parameter in module.parameters():
+    for name, parameter in module.named_parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+            (no_decay if excluded_from_decay(name, parameter, rule) else decay).append(parameter)
     return [
         {"params": decay, "weight_decay": weight_decay, "group": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
     ]
+
+
+class Lars(TimmLars):
+    """timm's LARS, optionally with the released code's momentum rule.
+
+    timm keeps ``buf = m * buf + u`` and steps ``p -= lr * buf``: the current lr scales the whole buffer. With
+    ``lr_in_momentum=True`` the update is the released code's ``buf = m * buf + lr * u``, ``p -= buf``: each step's lr
+    stays with its own contribution. The two agree at a constant lr and differ while it changes (warmup). Here the
+    buffer is kept in units of the current lr (rescaled by ``lr_before / lr_now`` before each step), so timm's
+    update code runs unchanged. ``u`` is the trust-ratio-scaled gradient plus weight decay in both.
+    """
+
+    def __init__(self, params, lr: float = 1.0, lr_in_momentum: bool = False, **kwargs):
+        super().__init__(params, lr=lr, **kwargs)
+        self.defaults["lr_in_momentum"] = lr_in_momentum
+        for group in self.param_groups:
+            group.setdefault("lr_in_momentum", lr_in_momentum)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if not group["lr_in_momentum"] or group["momentum"] == 0:
+                continue
+            lr, buffer_lr = group["lr"], group.get("buffer_lr")
+            if lr <= 0:
+                raise ValueError(f"lr={lr}: LARS with lr_in_momentum needs a positive learning rate")
+            buffers = [self.state[p]["momentum_buffer"] for p in group["params"] if "momentum_buffer" in self.state[p]]
+            if buffers and buffer_lr != lr:
+                torch._foreach_mul_(buffers, buffer_lr / lr)
+            group["buffer_lr"] = lr
+        return super().step(closure)
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int | None = 256) -> float:
@@ -40,3 +95,36 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + (base_lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def official_cosine(
+    step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float, warmup_ratio: float = 1e-4
+) -> float:
+    """The released code's schedule (mmcv's cosine annealing with linear warmup, by iteration).
+
+    A cosine over the whole run, ``min_lr + (base_lr - min_lr) * (1 + cos(pi * step / total_steps)) / 2``, multiplied
+    during the first ``warmup_steps`` by ``warmup_ratio + (1 - warmup_ratio) * step / warmup_steps``.
+    """
+    progress = min(1.0, step / max(1, total_steps))
+    lr = min_lr + (base_lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+    if step < warmup_steps:
+        lr *= warmup_ratio + (1 - warmup_ratio) * step / warmup_steps
+    return lr
+
+
+def learning_rate(
+    shape: str,
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    base_lr: float,
+    min_lr: float,
+    warmup_ratio: float = 1e-4,
+) -> float:
+    """The lr at ``step`` for a schedule ``shape``: ``official`` (:func:`official_cosine`) or
+    ``warmup_then_cosine`` (:func:`warmup_cosine`)."""
+    if shape == "official":
+        return official_cosine(step, total_steps, warmup_steps, base_lr, min_lr, warmup_ratio)
+    if shape == "warmup_then_cosine":
+        return warmup_cosine(step, total_steps, warmup_steps, base_lr, min_lr)
+    raise ValueError(f"scheduler.shape={shape!r} is invalid: use one of {SCHEDULE_SHAPES}")

@@ -16,11 +16,12 @@ from torch import nn
 from mcl.backbones import PYRAMID_STRIDES, Backbone
 from mcl.distributed import gather_batch, rank
 from mcl.heads import TileHead, split_tiles
+from mcl.initialization import check_weight_init, official_trunk_init
 from mcl.knn import knn_top1
 from mcl.loss import level_weights as resolve_level_weights
 from mcl.montage import DOWNSCALE_MODES, assemble_montage, check_levels
 from mcl.montage import montage_counts as count_montages
-from mcl.optim import parameter_groups, scaled_lr, warmup_cosine
+from mcl.optim import NO_DECAY_RULES, SCHEDULE_SHAPES, learning_rate, parameter_groups, scaled_lr
 from mcl.pyramid import build_neck
 
 log = logging.getLogger(__name__)
@@ -37,24 +38,35 @@ def check_image_size(image_size: int) -> int:
     return image_size
 
 
-def cell_features(
-    groups: Sequence[tuple[torch.Tensor, int]], backbone: Backbone, neck: nn.Module, head: TileHead
+def level_cells(
+    images: Sequence[torch.Tensor],
+    backbone: Backbone,
+    neck: nn.Module,
+    head: TileHead,
+    embedded_levels: int | None = None,
+    head_per_level: bool = True,
 ) -> list[torch.Tensor]:
-    """Embed every cell of every montage group with one backbone pass and one head pass.
+    """Embed every cell of montages grouped by level, with one backbone pass over all of them.
 
     Args:
-        groups: ``(montages (M_g, C, H, W), level)`` pairs; all montages share ``H x W``.
+        images: per level ``i = 0, 1, ...``, ``(M_i, C, H, W)`` montages (level 0: plain views); all share ``H x W``.
+            They share the backbone's BatchNorm statistics; the neck's are shared by the images that need each map.
+        embedded_levels: embed only levels ``0..embedded_levels-1``; the others still take part in the backbone's
+            statistics (the released code's target network sees the montages but keeps only level 0). All by default.
+        head_per_level: one head call per level (BatchNorm statistics per level, as the released code's head runs
+            per pyramid level) or one call over the tiles of all levels.
 
     Returns:
-        Per group, ``(M_g * 4**level, neck_channels)`` cell features in ``sources.flatten()`` order.
+        Per embedded level, ``(M_i * 4**i, head channels)`` cell features in ``sources.flatten()`` order.
     """
-    features = backbone(torch.cat([montages for montages, _ in groups]))
-    tiles, start = [], 0
-    for montages, level in groups:
-        stop = start + len(montages)
-        pyramid_map = neck.forward_level([f[start:stop] for f in features], level)
-        tiles.append(split_tiles(pyramid_map, 2**level))
-        start = stop
+    counts = [len(level_images) for level_images in images]
+    features = backbone(torch.cat(list(images)))
+    counts = counts[: len(counts) if embedded_levels is None else embedded_levels]
+    kept = sum(counts)
+    maps = neck.forward_levels([f[:kept] for f in features], counts)
+    tiles = [split_tiles(level_map, 2**level) for level, level_map in enumerate(maps)]
+    if head_per_level:
+        return [head(level_tiles) for level_tiles in tiles]
     return list(head(torch.cat(tiles)).split([len(t) for t in tiles]))
 
 
@@ -79,6 +91,10 @@ class MultiLevelModule(pl.LightningModule):
         warmup_epochs: float = 10.0,
         min_lr: float = 1e-4,
         lr_reference_batch: int | None = 256,
+        schedule_shape: str = "warmup_then_cosine",
+        warmup_ratio: float = 1e-4,
+        no_decay_rule: str = "ndim",
+        weight_init: str = "default",
         knn_k: int = 200,
         knn_temperature: float = 0.1,
         seed: int = 0,
@@ -96,6 +112,16 @@ class MultiLevelModule(pl.LightningModule):
         self.warmup_epochs = warmup_epochs
         self.min_lr = min_lr
         self.lr_reference_batch = lr_reference_batch
+        if schedule_shape not in SCHEDULE_SHAPES:
+            raise ValueError(f"scheduler.shape={schedule_shape!r} is invalid: use one of {SCHEDULE_SHAPES}")
+        if not 0 < warmup_ratio <= 1:
+            raise ValueError(f"scheduler.warmup_ratio={warmup_ratio} is invalid: it must be in (0, 1]")
+        if no_decay_rule not in NO_DECAY_RULES:
+            raise ValueError(f"no_decay_rule={no_decay_rule!r} is invalid: use one of {NO_DECAY_RULES}")
+        self.schedule_shape = schedule_shape
+        self.warmup_ratio = warmup_ratio
+        self.no_decay_rule = no_decay_rule
+        self.weight_init = check_weight_init(weight_init)
         self.knn_k = knn_k
         self.knn_temperature = knn_temperature
         self.seed = seed
@@ -104,6 +130,8 @@ class MultiLevelModule(pl.LightningModule):
         neck = dict(neck)
         self.neck = build_neck(neck.pop("name"), self.backbone.channels, levels=levels, **neck)
         self.head = TileHead(self.neck.out_channels, head_convs)
+        if self.weight_init == "official":
+            official_trunk_init(self.backbone, self.neck, self.head)
         self._generator: torch.Generator | None = None
         self._knn_features: dict[int, list[torch.Tensor]] = {0: [], 1: []}
         self._knn_labels: dict[int, list[torch.Tensor]] = {0: [], 1: []}
@@ -200,13 +228,16 @@ class MultiLevelModule(pl.LightningModule):
         lr = scaled_lr(base_lr, self.global_batch_size(), self.lr_reference_batch)
         if self.min_lr > lr:
             raise ValueError(f"scheduler.min_lr={self.min_lr} is above the (scaled) learning rate {lr}")
-        optimizer = self.optimizer_factory(parameter_groups(self, weight_decay), lr=lr)
+        optimizer = self.optimizer_factory(parameter_groups(self, weight_decay, self.no_decay_rule), lr=lr)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(total_steps, math.ceil(self.warmup_epochs * steps_per_epoch))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, lr, self.min_lr) / lr
-        )
+
+        def factor(step: int) -> float:
+            shape, ratio = self.schedule_shape, self.warmup_ratio
+            return learning_rate(shape, step, total_steps, warmup_steps, lr, self.min_lr, ratio) / lr
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:

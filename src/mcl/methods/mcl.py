@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from mcl.heads import MLP
+from mcl.backbones import Backbone
+from mcl.heads import MLP, TileHead
+from mcl.initialization import official_embedding_init
 from mcl.loss import LOSSES, TARGET_ASSIGNMENTS, multi_level_loss, per_image_targets
-from mcl.methods.base import MultiLevelModule, cell_features
+from mcl.methods.base import MultiLevelModule, level_cells
 from mcl.momentum import cosine_momentum, ema_update, make_target
+
+# Which samples share BatchNorm statistics in a training step (see MCL's docstring).
+BN_GROUPS = ("per_side", "per_side_plain_target", "joint")
+SIDES = (0, 1)
+# One side's montages per level, as ``build_montages`` returns them: ``(montages (M, C, H, W), sources (M, g, g))``.
+SideMontages = list[tuple[torch.Tensor, torch.Tensor]]
+# Tensors of a training step keyed by ``(side, level)``.
+BySideLevel = dict[tuple[int, int], torch.Tensor]
+
+
+def split_sides(joined: torch.Tensor, sizes: list[int], level: int) -> BySideLevel:
+    """Rows of both sides, side 0 first, as ``{(side, level): rows}``."""
+    return {(side, level): rows for side, rows in zip(SIDES, joined.split(sizes), strict=True)}
+
+
+class Network(NamedTuple):
+    """The modules that embed a cell: the online network's, or their EMA copies in the target network."""
+
+    backbone: Backbone
+    neck: nn.Module
+    head: TileHead
+    projector: nn.Module
+
+    @property
+    def trunk(self) -> tuple[Backbone, nn.Module, TileHead]:
+        return self.backbone, self.neck, self.head
 
 
 class MCL(MultiLevelModule):
@@ -18,6 +46,16 @@ class MCL(MultiLevelModule):
 
     A training batch is ``(views, labels)`` with ``views`` ``(B, 2, levels, C, H, W)``: for each augmentation side,
     one view per level. Labels are ignored. Keyword arguments not listed here go to :class:`MultiLevelModule`.
+
+    ``bn_groups`` chooses which samples share BatchNorm statistics (train mode) in the online and target passes:
+
+    - ``per_side`` (the released code): each augmentation side on its own. Backbone and neck see that side's plain
+      views and montages of all levels together; head and projector run per (side, level), predictors per
+      (side, level). The target network runs the same way, so its backbone statistics include the montages
+      (about 1.31x the backbone cost of plain views only at 3 levels), and keeps the level-0 embeddings.
+    - ``per_side_plain_target``: the online pass as ``per_side``; the target embeds each side's plain views only.
+    - ``joint``: one backbone pass over both sides and all levels, one head and one projector call over all cells,
+      each predictor over both sides; the target embeds both sides' plain views together. Fewest kernel launches.
     """
 
     def __init__(
@@ -26,6 +64,7 @@ class MCL(MultiLevelModule):
         loss: str = "infonce",
         temperature: float = 1.0,
         target_assignment: str = "top",
+        bn_groups: str = "per_side",
         projector_hidden_dim: int = 2048,
         embedding_dim: int = 256,
         base_momentum: float = 0.99,
@@ -38,6 +77,13 @@ class MCL(MultiLevelModule):
             raise ValueError(f"loss={loss!r} is invalid: use one of {LOSSES}")
         if target_assignment not in TARGET_ASSIGNMENTS:
             raise ValueError(f"target_assignment={target_assignment!r} is invalid: use one of {TARGET_ASSIGNMENTS}")
+        if bn_groups not in BN_GROUPS:
+            raise ValueError(f"bn_groups={bn_groups!r} is invalid: use one of {BN_GROUPS}")
+        if bn_groups == "per_side_plain_target" and target_assignment != "top":
+            raise ValueError(
+                f"bn_groups=per_side_plain_target needs target_assignment=top: with {target_assignment!r} the target "
+                "network embeds the montages themselves; use bn_groups=per_side"
+            )
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} is invalid: it must be > 0")
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
@@ -48,6 +94,7 @@ class MCL(MultiLevelModule):
         self.loss_name = loss
         self.temperature = temperature
         self.target_assignment = target_assignment
+        self.bn_groups = bn_groups
         self.base_momentum = base_momentum
         self.final_momentum = final_momentum
         channels = self.neck.out_channels
@@ -55,82 +102,112 @@ class MCL(MultiLevelModule):
         self.predictors = nn.ModuleList(
             MLP(embedding_dim, projector_hidden_dim, embedding_dim) for _ in range(self.levels)
         )
+        if self.weight_init == "official":
+            official_embedding_init(self.projector, self.predictors)
         self.target_backbone = make_target(self.backbone)
         self.target_neck = make_target(self.neck)
         self.target_head = make_target(self.head)
         self.target_projector = make_target(self.projector)
 
     @property
+    def online(self) -> Network:
+        return Network(self.backbone, self.neck, self.head, self.projector)
+
+    @property
+    def target(self) -> Network:
+        return Network(self.target_backbone, self.target_neck, self.target_head, self.target_projector)
+
+    @property
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """The ``(online, target)`` modules that the EMA update ties together; the predictors have no target."""
-        return [
-            (self.backbone, self.target_backbone),
-            (self.neck, self.target_neck),
-            (self.head, self.target_head),
-            (self.projector, self.target_projector),
-        ]
+        return list(zip(self.online, self.target, strict=True))
+
+    # ------------------------------------------------------------------ passes
+    def embed(
+        self, network: Network, images: list[list[torch.Tensor]], joint: bool, embedded_levels: int | None = None
+    ) -> BySideLevel:
+        """Projector embeddings of every cell, keyed by ``(side, level)``.
+
+        Args:
+            images: ``images[side][level]`` ``(M, C, H, W)``: montages, or plain views at level 0.
+            joint: one pass over both sides (levels in order, sides within a level) with one head and one projector
+                call over all cells; otherwise one pass per side with head and projector per level.
+            embedded_levels: see :func:`level_cells`.
+        """
+        if not joint:
+            return {
+                (side, level): network.projector(cells)
+                for side, side_images in zip(SIDES, images, strict=True)
+                for level, cells in enumerate(level_cells(side_images, *network.trunk, embedded_levels))
+            }
+        by_level = [torch.cat(level_images) for level_images in zip(*images, strict=True)]
+        cells = level_cells(by_level, *network.trunk, embedded_levels, head_per_level=False)
+        embeddings = network.projector(torch.cat(cells)).split([len(c) for c in cells])
+        out: BySideLevel = {}
+        for level, level_embeddings in enumerate(embeddings):
+            cells_per_side = [images[side][level].shape[0] * 4**level for side in SIDES]
+            out.update(split_sides(level_embeddings, cells_per_side, level))
+        return out
+
+    def online_pass(self, montages: list[SideMontages]) -> BySideLevel:
+        """Predictions ``(M * 4**level, embedding_dim)`` of every online cell, keyed by ``(side, level)``, in
+        ``sources.flatten()`` order. ``montages[side]`` comes from :meth:`build_montages`."""
+        joint = self.bn_groups == "joint"
+        images = [[level_montages for level_montages, _ in side] for side in montages]
+        embeddings = self.embed(self.online, images, joint)
+        if not joint:
+            return {(side, level): self.predictors[level](z) for (side, level), z in embeddings.items()}
+        predictions: BySideLevel = {}
+        for level, predictor in enumerate(self.predictors):
+            both = [embeddings[side, level] for side in SIDES]
+            predictions.update(split_sides(predictor(torch.cat(both)), [len(z) for z in both], level))
+        return predictions
 
     @torch.no_grad()
-    def target_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Target ``z`` of plain level-0 views ``(N, C, H, W)`` -> ``(N, embedding_dim)``.
+    def target_pass(self, views: torch.Tensor, montages: list[SideMontages]) -> tuple[BySideLevel, BySideLevel | None]:
+        """Target embeddings ``(B, embedding_dim)`` keyed by ``(side, target level)`` and, beyond ``top``, the
+        ``(B,)`` masks of the images present at each level.
 
-        The target stays in train mode, so its BN layers use batch statistics, as in BYOL.
+        ``top``: each image's level-0 embedding (its plain view; whether the montages join the backbone's
+        statistics follows ``bn_groups``). ``same-level`` and ``all-levels``: the target network embeds the same
+        montages as the online network (with their own cell layout) and each image gets the normalised mean of its
+        cells, so the target cost grows like the online cost. The target stays in train mode: BatchNorm uses batch
+        statistics, as in BYOL.
         """
-        (features,) = cell_features([(images, 0)], self.target_backbone, self.target_neck, self.target_head)
-        return self.target_projector(features)
-
-    @torch.no_grad()
-    def assigned_targets(
-        self,
-        views: torch.Tensor,
-        groups: list[tuple[torch.Tensor, int]],
-        sources: list[list[torch.Tensor]],
-    ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None]:
-        """``targets[side][j]`` ``(B, D)`` for each target level ``j`` and, beyond ``top``, the images present.
-
-        ``top`` embeds the plain level-0 views only. ``same-level`` and ``all-levels`` run the target network on the
-        same montages as the online network (the other side's montages, with their own independent cell layout) and
-        give each image the normalised mean of its cells, so the target cost grows like the online cost (1.3125x
-        for the paper's 3 levels).
-        """
+        joint = self.bn_groups == "joint"
+        batch = len(views)
         if self.target_assignment == "top":
-            plain = views[:, :, 0].transpose(0, 1).flatten(0, 1)  # (2B, C, H, W), side-major
-            return [[t] for t in self.target_embeddings(plain).chunk(2)], None
-        features = cell_features(groups, self.target_backbone, self.target_neck, self.target_head)
-        cells = self.target_projector(torch.cat(features)).split([len(f) for f in features])
-        targets: list[list[torch.Tensor]] = [[], []]
-        present: list[list[torch.Tensor]] = [[], []]
-        for side in range(2):
-            for level in range(self.levels):
-                z, mask = per_image_targets(cells[side * self.levels + level], sources[side][level], len(views))
-                targets[side].append(z)
-                present[side].append(mask)
+            plain = [views[:, side, 0] for side in SIDES]
+            if self.bn_groups == "per_side":
+                images = [[plain[side]] + [m for m, _ in montages[side][1:]] for side in SIDES]
+            else:
+                images = [[plain[side]] for side in SIDES]
+            return self.embed(self.target, images, joint, embedded_levels=1), None
+        images = [[level_montages for level_montages, _ in side] for side in montages]
+        targets: BySideLevel = {}
+        present: BySideLevel = {}
+        for (side, level), cells in self.embed(self.target, images, joint).items():
+            sources = montages[side][level][1].flatten()
+            targets[side, level], present[side, level] = per_image_targets(cells, sources, batch)
         return targets, present
 
     def forward_losses(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, 2, levels, C, H, W)``."""
         self.check_views(views, level_axis=2)
-        sides = [self.build_montages(views[:, side]) for side in range(2)]
-        groups = [(montages, level) for side in sides for level, (montages, _) in enumerate(side)]
-        embeddings = self.projector(torch.cat(cell_features(groups, self.backbone, self.neck, self.head)))
-        sizes = [sources.numel() for side in sides for _, sources in side]
-        per_group = embeddings.split(sizes)  # side-major: (A, level 0), (A, level 1), ..., (B, level 0), ...
-        predictions: list[list[torch.Tensor]] = [[], []]
-        for level, predictor in enumerate(self.predictors):
-            both = [per_group[side * self.levels + level] for side in range(2)]
-            for side, prediction in enumerate(predictor(torch.cat(both)).split([len(b) for b in both])):
-                predictions[side].append(prediction)
-        sources = [[s.flatten() for _, s in side] for side in sides]
-        targets, present = self.assigned_targets(views, groups, sources)
+        montages = [self.build_montages(views[:, side]) for side in SIDES]
+        predictions = self.online_pass(montages)
+        targets, present = self.target_pass(views, montages)
+        levels = range(self.levels)
+        target_levels = range(1 if self.target_assignment == "top" else self.levels)
         return multi_level_loss(
-            predictions,
-            sources,
-            targets,
+            [[predictions[side, level] for level in levels] for side in SIDES],
+            [[sources.flatten() for _, sources in side] for side in montages],
+            [[targets[side, level] for level in target_levels] for side in SIDES],
             self.level_weights,
             self.loss_name,
             self.temperature,
             self.target_assignment,
-            present,
+            None if present is None else [[present[side, level] for level in target_levels] for side in SIDES],
         )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

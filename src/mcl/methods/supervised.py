@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcl.methods.base import MultiLevelModule, cell_features
+from mcl.methods.base import MultiLevelModule, level_cells
 from mcl.montage import assemble_montage
 
 
@@ -51,8 +51,8 @@ class SupervisedMultiLevel(MultiLevelModule):
         self, montages: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per level, ``(logits (cells, num_classes), cell labels (cells,))`` for ``(montages, sources)`` pairs."""
-        groups = [(images, level) for level, (images, _) in enumerate(montages)]
-        features = cell_features(groups, self.backbone, self.neck, self.head)
+        images = [level_images for level_images, _ in montages]
+        features = level_cells(images, self.backbone, self.neck, self.head, head_per_level=False)
         return [
             (self.classifier(cells), assemble_labels(labels, sources).flatten())
             for cells, (_, sources) in zip(features, montages, strict=True)
