@@ -28,7 +28,20 @@ def test_official_preset_is_the_released_code():
     cfg = compose_train(["preset=official"])
     assert cfg.levels == 4 and cfg.method.levels == 4 and cfg.data.views_per_side == 4
     assert cfg.method.montage_counts == "official" and cfg.method.level_weights == "official"
+    assert cfg.method.bn_groups == "per_side" and cfg.method.schedule_shape == "official"
+    assert cfg.optimizer._target_ == "mcl.optim.Lars" and cfg.optimizer.lr_in_momentum is True
+    assert cfg.method.no_decay_rule == "official" and cfg.method.weight_init == "official"
     assert compose_train(["preset=official", "levels=3"]).method.levels == 3
+    assert compose_train(["preset=official", "optimizer=sgd"]).optimizer._target_ == "torch.optim.SGD"
+    recipe = compose_train(["experiment=mcl_official_r50_b4096_e100_imagenet"])
+    assert recipe.optimizer.lr_in_momentum is True and recipe.method.weight_init == "official"
+
+
+def test_paper_preset_shares_cells_batchnorm_groups_and_schedule_with_the_released_code():
+    cfg = compose_train(["preset=paper"])
+    assert cfg.levels == 3 and cfg.method.bn_groups == "per_side" and cfg.method.schedule_shape == "official"
+    assert cfg.optimizer.lr_in_momentum is False
+    assert cfg.method.no_decay_rule == "ndim" and cfg.method.weight_init == "default"
 
 
 @pytest.mark.parametrize("method", [name for name in options("method") if not name.startswith("_")])

@@ -1,5 +1,7 @@
 import math
+from types import SimpleNamespace
 
+import hydra
 import pytest
 import torch
 from timm.optim import Lars as TimmLars
@@ -15,6 +17,8 @@ from mcl.optim import (
     scaled_lr,
     warmup_cosine,
 )
+
+from .conftest import compose_train
 
 
 def test_biases_and_norm_parameters_get_no_weight_decay():
@@ -139,3 +143,27 @@ def test_official_schedule_values():
     assert learning_rate("warmup_then_cosine", 550, total, warmup, base, low) == pytest.approx((base + low) / 2)
     with pytest.raises(ValueError, match="scheduler.shape='step'"):
         learning_rate("step", 0, total, warmup, base, low)
+
+
+def test_official_preset_builds_the_released_optimizer_and_schedule():
+    """The official preset at batch 4096 (128 x 32 GPUs), 100 epochs of 312 steps: LARS at lr 16 with the lr in the
+    momentum buffer, and the released schedule at its first step, warmup end, mid-run and last step."""
+    cfg = compose_train(["preset=official", "scheduler.warmup_epochs=10", "method.projector_hidden_dim=64"])
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    total = 312 * 100
+    model._trainer = SimpleNamespace(
+        estimated_stepping_batches=total,
+        max_epochs=100,
+        datamodule=SimpleNamespace(batch_size=128),
+        world_size=32,
+        accumulate_grad_batches=1,
+    )
+    configured = model.configure_optimizers()
+    optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, Lars) and optimizer.defaults["lr_in_momentum"] is True
+    assert optimizer.defaults["lr"] == 16.0
+    warmup = 3120
+    for step in (0, warmup - 1, warmup, total // 2, total - 1):
+        expected = official_cosine(step, total, warmup, 16.0, 1e-4, 1e-4)
+        assert 16.0 * schedule.lr_lambdas[0](step) == pytest.approx(expected, rel=1e-12)
+    assert 16.0 * schedule.lr_lambdas[0](0) == pytest.approx(16.0 * 1e-4)
