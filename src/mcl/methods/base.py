@@ -59,11 +59,9 @@ def level_cells(
     Returns:
         Per embedded level, ``(M_i * 4**i, head channels)`` cell features in ``sources.flatten()`` order.
     """
-    counts = [len(level_images) for level_images in images]
     features = backbone(torch.cat(list(images)))
-    counts = counts[: len(counts) if embedded_levels is None else embedded_levels]
-    kept = sum(counts)
-    maps = neck.forward_levels([f[:kept] for f in features], counts)
+    counts = [len(level_images) for level_images in images[:embedded_levels]]
+    maps = neck.forward_levels([f[: sum(counts)] for f in features], counts)
     tiles = [split_tiles(level_map, 2**level) for level, level_map in enumerate(maps)]
     if head_per_level:
         return [head(level_tiles) for level_tiles in tiles]
@@ -234,8 +232,11 @@ class MultiLevelModule(pl.LightningModule):
         warmup_steps = min(total_steps, math.ceil(self.warmup_epochs * steps_per_epoch))
 
         def factor(step: int) -> float:
-            shape, ratio = self.schedule_shape, self.warmup_ratio
-            return learning_rate(shape, step, total_steps, warmup_steps, lr, self.min_lr, ratio) / lr
+            """The schedule's lr at ``step`` relative to the optimizer's ``lr``, as LambdaLR wants it."""
+            return (
+                learning_rate(self.schedule_shape, step, total_steps, warmup_steps, lr, self.min_lr, self.warmup_ratio)
+                / lr
+            )
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
