@@ -8,13 +8,14 @@ FMNIST    := /usr/share/datasets/fashion-mnist
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS      ?=
 
-.PHONY: help venv data train test test-fast lint format bench transfer clean
+.PHONY: help venv data train test test-fast lint format bench faults transfer clean
 
 help:
 	@echo "make train   pretrain resnet18 with MCL (3 levels) on Fashion-MNIST, CPU-sized; ARGS='key=value ...'"
 	@echo "make test    run the test suite (CPU)"
 	@echo "make lint    ruff check"
 	@echo "make bench   FLOPs and step-time ratios of levels 1..4 -> benchmarks/results/cost.json"
+	@echo "make faults  kill, rerun and concurrent-run cases against mcl-train -> benchmarks/results/faults.md"
 	@echo "make transfer pretrain (MCL 3 levels, 1 level, none) and fine-tune Faster R-CNN on canvases (< 60 min)"
 	@echo "make clean   remove the venv, outputs and caches"
 
@@ -51,6 +52,9 @@ format: venv
 
 bench: venv
 	$(PY) benchmarks/cost.py $(ARGS)
+
+faults: venv
+	$(PY) benchmarks/faults.py $(ARGS)
 
 transfer: venv data
 	$(PY) benchmarks/transfer.py $(ARGS)

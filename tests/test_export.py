@@ -128,3 +128,28 @@ def test_wrong_checkpoints_and_formats_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(plain), "--format", "timm", "--output", str(tmp_path / "x.pth")])
     assert exit_info.value.code == 2 and "not an mcl pretraining checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x80\x04garbage" * 50, "not a PyTorch checkpoint"),
+        (b"just text\n", "not a readable checkpoint"),
+        (None, "truncated"),
+    ],
+)
+def test_unreadable_files_and_bad_outputs_get_one_line_errors(tmp_path, capsys, content, message):
+    path = tmp_path / "in.ckpt"
+    if content is None:
+        save_checkpoint(MCL(**small_trunk(2)), path)
+        content = path.read_bytes()[:5000]
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), "--format", "timm", "--output", str(tmp_path / "x.pth")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and str(path) in error
+    good = save_checkpoint(MCL(**small_trunk(2)), tmp_path / "good.ckpt")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        main([str(good), "--format", "timm", "--output", str(tmp_path / "file" / "x.pth")])
+    assert "is a file, not a folder" in capsys.readouterr().err

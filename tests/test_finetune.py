@@ -89,3 +89,40 @@ def test_step_schedule():
     assert step_schedule(10, 10, [50, 80]) == pytest.approx(1.0)
     assert step_schedule(60, 10, [50, 80]) == pytest.approx(0.1)
     assert step_schedule(90, 10, [50, 80]) == pytest.approx(0.01)
+
+
+def copy_canvas(canvas, tmp_path, edit=None, remove_image=False):
+    """A copy of the canvas set whose training annotations ``edit`` changed, or one of whose images is missing."""
+    import json
+    import shutil
+
+    root = tmp_path / "canvas"
+    shutil.copytree(canvas, root)
+    path = root / "annotations" / "train.json"
+    data = json.loads(path.read_text())
+    if edit:
+        edit(data)
+        path.write_text(json.dumps(data))
+    if remove_image:
+        (root / "train" / data["images"][0]["file_name"]).unlink()
+    return root
+
+
+def zero_width(data):
+    data["annotations"][0]["bbox"][2] = 0.0
+
+
+def test_bad_annotations_are_named_before_training(canvas, tmp_path):
+    broken = copy_canvas(canvas, tmp_path / "a")
+    (broken / "annotations" / "train.json").write_text('{"images": [')
+    with pytest.raises(ValueError, match="train.json is not a COCO annotation file"):
+        CocoDetection(broken / "train", broken / "annotations" / "train.json")
+    degenerate = copy_canvas(canvas, tmp_path / "b", edit=zero_width)
+    annotations = degenerate / "annotations" / "train.json"
+    with pytest.raises(ValueError, match=r"1 annotation\(s\) have a box of zero or negative .*ids \[1\]"):
+        CocoDetection(degenerate / "train", annotations)
+    dataset = CocoDetection(degenerate / "train", annotations, drop_degenerate_boxes=True)
+    assert 1 not in dataset.coco.anns and all(box[2:].gt(box[:2]).all() for box in dataset[0][1]["boxes"])
+    missing = copy_canvas(canvas, tmp_path / "c", remove_image=True)
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in .*train.json are missing"):
+        CocoDetection(missing / "train", missing / "annotations" / "train.json")

@@ -123,5 +123,5 @@ def test_interp_neck_is_one_conv_on_c5(resnet18):
 def test_unknown_neck_and_backbone_are_rejected():
     with pytest.raises(ValueError, match="neck.name='c4'"):
         build_neck("c4", [1, 2, 3, 4])
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="backbone.name='no_such_model' is not a timm model"):
         Backbone("no_such_model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import timm
@@ -29,6 +30,13 @@ class Backbone(nn.Module):
         timm_name, alias_kwargs = ALIASES.get(name, (name, {}))
         kwargs = {**alias_kwargs, **kwargs}
         self.name = name
+        if not timm.is_model(timm_name):
+            close = difflib.get_close_matches(timm_name, timm.list_models(), n=5, cutoff=0.6)
+            hint = f"; close timm names: {', '.join(close)}" if close else ""
+            raise ValueError(
+                f"backbone.name={name!r} is not a timm model{hint} (or one of {sorted(ALIASES)}); "
+                "any timm ResNet or Swin works"
+            )
         self.is_swin = timm_name.startswith("swin")
         if self.is_swin:
             kwargs.setdefault("img_size", image_size)

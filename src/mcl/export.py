@@ -7,6 +7,7 @@ format can hold them, the pyramid and the 4 tile-head convs (which have the shap
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
 from collections.abc import Callable
@@ -15,22 +16,21 @@ from typing import Any
 
 import torch
 
+from mcl.checkpoints import CheckpointError, atomic_save, load_checkpoint
+
 FORMATS = ("timm", "torchvision", "fasterrcnn_v2", "retinanet_v2", "detectron2")
 BACKBONE_PREFIX = "backbone.model."
 
 
-class CheckpointKindError(ValueError):
+class CheckpointKindError(CheckpointError):
     """A file that is not a pretraining checkpoint of this library, or a backbone a format cannot hold."""
 
 
 def load_pretraining_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The ``(state_dict, hyper_parameters)`` of an ``mcl`` pretraining checkpoint, or a clear error."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    checkpoint = load_checkpoint(path)
+    state, hparams = checkpoint.get("state_dict"), checkpoint.get("hyper_parameters")
     if not state or not hparams or not any(k.startswith(BACKBONE_PREFIX) for k in state):
         raise CheckpointKindError(
             f"{path} is not an mcl pretraining checkpoint (a Lightning checkpoint of mcl.methods.MCL or "
@@ -166,12 +166,19 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path) -> Path:
     state, hparams = load_pretraining_checkpoint(checkpoint)
     weights = EXPORTERS[fmt](state, hparams)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    blocking = next((parent for parent in output.parents if parent.is_file()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"--output {output}: {blocking} is a file, not a folder")
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a folder; name the file to write")
     if fmt == "detectron2":
-        with open(output, "wb") as handle:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = output.with_name(f".{output.name}.tmp")
+        with open(temporary, "wb") as handle:
             pickle.dump(weights, handle)
+        os.replace(temporary, output)
     else:
-        torch.save(weights, output)
+        atomic_save(weights, output)
     return output
 
 
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.format, args.output)
-    except (CheckpointKindError, FileNotFoundError) as error:
+    except (CheckpointError, OSError) as error:
         parser.exit(2, f"mcl-export: error: {error}\n")
     print(f"wrote {args.format} weights to {path}")
 

@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import netrc
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +20,10 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from mcl.checkpoints import LAST, AtomicCheckpointIO, load_checkpoint, newest_loadable
+from mcl.runs import STATE_FILE, RunLock, read_json, write_json
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).parent / "conf")
@@ -78,8 +82,9 @@ def is_wandb(logger_cfg: DictConfig | None) -> bool:
     return logger_cfg is not None and "wandb" in str(logger_cfg.get("_target_", "")).lower()
 
 
-def instantiate_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
-    """``cfg.logger``; a W&B logger without a name is named after the job and grouped by its multirun."""
+def instantiate_loggers(cfg: DictConfig, wandb_id: str | None = None) -> list[pl.loggers.Logger]:
+    """``cfg.logger``; a W&B logger without a name is named after the job and grouped by its multirun. With
+    ``wandb_id`` the W&B run gets that id and continues the run of that id if it exists (a resumed job)."""
     if not cfg.get("logger"):
         return []
     loggers = []
@@ -91,6 +96,8 @@ def instantiate_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
             ensure_wandb_mode()
             name, group = logger_cfg.get("name") or job_name(cfg), logger_cfg.get("group") or sweep_group(cfg)
             extra = {"name": name, "group": group}
+            if wandb_id:
+                extra.update(id=wandb_id, resume="allow")
         loggers.append(hydra.utils.instantiate(logger_cfg, **extra))
     return loggers
 
@@ -114,24 +121,33 @@ def closing_loggers(trainer: pl.Trainer) -> Iterator[None]:
     finish_loggers(trainer.loggers)
 
 
+def checkpoint_dir(cfg: DictConfig) -> Path | None:
+    dirpath = OmegaConf.select(cfg, "callbacks.last.dirpath") or OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
+    return Path(dirpath) if dirpath else None
+
+
 def resume_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path``, or with ``auto_resume`` the job folder's ``last.ckpt`` when one exists (a requeued job)."""
+    """``ckpt_path`` (checked to load), or with ``auto_resume`` the job folder's ``last.ckpt`` when one exists (a
+    requeued job); if that one cannot be read, the newest checkpoint of the folder that can, with a warning."""
     if cfg.get("ckpt_path"):
+        load_checkpoint(cfg.ckpt_path)
         return str(cfg.ckpt_path)
-    dirpath = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath")
-    last = Path(dirpath) / "last.ckpt" if dirpath else None
-    if cfg.get("auto_resume") and last is not None and last.is_file():
-        log.info("resuming from %s (auto_resume; set auto_resume=false to start over)", last)
-        return str(last)
-    return None
+    dirpath = checkpoint_dir(cfg)
+    if not cfg.get("auto_resume") or dirpath is None or not any(dirpath.glob("*.ckpt")):
+        return None
+    found = newest_loadable(dirpath)
+    if found is None:
+        raise FileNotFoundError(
+            f"auto_resume: no checkpoint in {dirpath} can be read (see the warnings above); move the folder away to "
+            "start over, or pass ckpt_path=... to resume from another file"
+        )
+    log.info("resuming from %s (auto_resume; set auto_resume=false or use another folder to start over)", found)
+    return str(found)
 
 
 def save_metrics(metrics: dict[str, float], output_dir: str | Path) -> Path:
-    """Write ``metrics.json`` next to the job's config, where :mod:`mcl.results` finds it."""
-    path = Path(output_dir) / METRICS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return path
+    """Write ``metrics.json`` (atomically) next to the job's config, where :mod:`mcl.results` finds it."""
+    return write_json(metrics, Path(output_dir) / METRICS_FILE)
 
 
 def instantiate_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback]:
@@ -143,13 +159,17 @@ def instantiate_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback
     return callbacks
 
 
-def instantiate_trainer(cfg: DictConfig, **overrides: Any) -> pl.Trainer:
-    """The ``cfg.trainer`` Trainer with ``cfg.logger`` loggers (given the resolved config) and ``cfg.callbacks``."""
-    loggers = instantiate_loggers(cfg)
+def instantiate_trainer(cfg: DictConfig, wandb_id: str | None = None, **overrides: Any) -> pl.Trainer:
+    """The ``cfg.trainer`` Trainer with ``cfg.logger`` loggers (given the resolved config) and ``cfg.callbacks``;
+    checkpoints are written atomically and read with ``weights_only=True`` (:mod:`mcl.checkpoints`)."""
+    loggers = instantiate_loggers(cfg, wandb_id)
     callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    return hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **overrides)
+    plugins = [AtomicCheckpointIO()]
+    return hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins, **overrides
+    )
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -161,30 +181,150 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
+# Hyper-parameters that decide the shape of the weights: a checkpoint must agree with the config on them.
+ARCHITECTURE_KEYS = (
+    "backbone",
+    "neck",
+    "levels",
+    "head_convs",
+    "projector_hidden_dim",
+    "embedding_dim",
+    "num_classes",
+)
+
+
+def check_compatible(checkpoint_path: str | Path, model: pl.LightningModule) -> None:
+    """Stop with the differing hyper-parameters when a checkpoint was trained with another architecture."""
+    saved = load_checkpoint(checkpoint_path).get("hyper_parameters") or {}
+    wanted = dict(model.hparams)
+    differences = [
+        f"{key}: checkpoint {saved[key]!r}, config {wanted[key]!r}"
+        for key in ARCHITECTURE_KEYS
+        if key in saved and key in wanted and saved[key] != wanted[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"{checkpoint_path} was trained with another architecture than this config builds: "
+            + "; ".join(differences)
+            + ". Resume with the checkpoint's settings, or start a new run (another folder, auto_resume=false)."
+        )
+
+
+def finished_epochs(checkpoint_path: str | Path) -> int:
+    """Epochs whose training the run that wrote ``checkpoint_path`` had finished (``last.ckpt`` is written at the
+    end of an epoch, before Lightning counts it as completed, hence ``processed``)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", checkpoint.get("epoch", -1) + 1))
+
+
+HYDRA_SUBDIR = ".hydra"
+
+
+def save_hydra_files(cfg: DictConfig, output_dir: Path) -> None:
+    """Write Hydra's ``.hydra/{config,hydra,overrides}.yaml`` once this run owns the folder and will train.
+
+    ``train.yaml`` sets ``hydra.output_subdir: null`` so that Hydra does not write them at start-up: a rerun that
+    fails its checks, or a second run refused by the folder's lock, must not replace the files of the run whose
+    results the folder holds (``mcl-collect`` reads them).
+    """
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = output_dir / HYDRA_SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "config.yaml": cfg,
+        "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+        "overrides.yaml": hydra_cfg.overrides.task,
+    }
+    for name, content in files.items():
+        temporary = folder / f".{name}.tmp"
+        OmegaConf.save(content, temporary)
+        os.replace(temporary, folder / name)
+
+
+def new_wandb_id() -> str:
+    """A W&B run id (8 lowercase hex characters), chosen before the run starts so that a resume can reuse it."""
+    return uuid.uuid4().hex[:8]
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Pretrain with a composed config; returns the final metrics (``val/knn_top1``, ``train/loss``, ...), which
     are also written to ``<output_dir>/metrics.json``.
 
     With ``validate_at_init`` it first measures the kNN top-1 of the backbone at initialisation
     (``init/knn_top1``), so a run shows what pretraining added.
+
+    The run folder is owned by one run at a time (:class:`mcl.runs.RunLock`). Nothing in it changes before the
+    config has built a model and data. A rerun of a finished run does nothing and returns its metrics, unless it
+    asks for more epochs (it then continues from ``last.ckpt``); a resumed run keeps the earlier run's metrics that
+    it does not measure again (``init/knn_top1``) and continues its W&B run.
     """
     pl.seed_everything(cfg.seed, workers=True)
-    (Path(cfg.output_dir) / METRICS_FILE).unlink(missing_ok=True)  # a rerun in the same folder starts unfinished
-    ckpt_path = resume_path(cfg)
+    output_dir = Path(cfg.output_dir)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.method, _convert_="all")
-    trainer = instantiate_trainer(cfg)
+    lock = RunLock(output_dir) if rank_zero_only.rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return run_in_folder(cfg, output_dir, datamodule, model)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    metrics: dict[str, float] = {}
-    with closing_loggers(trainer):
-        if cfg.get("validate_at_init") and not ckpt_path:
-            initial = trainer.validate(model, datamodule=datamodule, verbose=False)
-            for results in initial:
-                metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(results).items()})
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        metrics.update(scalar_metrics(trainer.callback_metrics))
+
+def run_in_folder(
+    cfg: DictConfig, output_dir: Path, datamodule: pl.LightningDataModule, model: pl.LightningModule
+) -> dict[str, float]:
+    """The body of :func:`train`, once the run folder is ours."""
+    state = read_json(output_dir / STATE_FILE)
+    previous = read_json(output_dir / METRICS_FILE)
+    ckpt_path = resume_path(cfg)
+    max_epochs = int(cfg.trainer.max_epochs)
+    if ckpt_path is not None:
+        check_compatible(ckpt_path, model)
+        done = finished_epochs(ckpt_path)
+        if state.get("status") == "finished" and done >= max_epochs:
+            log.warning(
+                "%s already holds a finished run (%d epochs, %s); nothing to do. Ask for more epochs "
+                "(trainer.max_epochs=%d) to continue it, or use another folder to start over.",
+                output_dir,
+                done,
+                LAST,
+                done + 1,
+            )
+            return {k: float(v) for k, v in previous.items()}
+    elif previous or any(output_dir.glob("**/*.ckpt")):
+        raise FileExistsError(
+            f"{output_dir} holds the results of an earlier run (status {state.get('status', 'unknown')!r}) and this "
+            f"run would not resume it (auto_resume={cfg.get('auto_resume')}); choose another folder to start over"
+        )
+    wandb_id = state.get("wandb_id") if ckpt_path else None
+    if any(is_wandb(logger_cfg) for logger_cfg in (cfg.get("logger") or {}).values()):
+        wandb_id = wandb_id or new_wandb_id()
+    is_zero = rank_zero_only.rank == 0
+    if is_zero:
+        save_hydra_files(cfg, output_dir)
+        write_json({"status": "running", "max_epochs": max_epochs, "wandb_id": wandb_id}, output_dir / STATE_FILE)
+    trainer = instantiate_trainer(cfg, wandb_id=wandb_id)
+    metrics: dict[str, float] = dict(previous) if ckpt_path else {}
+    try:
+        with closing_loggers(trainer):
+            if cfg.get("validate_at_init") and not ckpt_path:
+                initial = trainer.validate(model, datamodule=datamodule, verbose=False)
+                for results in initial:
+                    metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(results).items()})
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            metrics.update(scalar_metrics(trainer.callback_metrics))
+    except BaseException:
+        if is_zero:
+            write_json({"status": "failed", "max_epochs": max_epochs, "wandb_id": wandb_id}, output_dir / STATE_FILE)
+        raise
     if trainer.is_global_zero:
-        save_metrics(metrics, cfg.output_dir)
+        save_metrics(metrics, output_dir)
+        write_json({"status": "finished", "max_epochs": max_epochs, "wandb_id": wandb_id}, output_dir / STATE_FILE)
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:
         log.info("best checkpoint: %s", checkpoint.best_model_path)

@@ -6,13 +6,13 @@ Validation has two labelled loaders for the kNN monitor: the bank (a training su
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from mcl.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiView, byol_view, eval_view, supervised_view
 from mcl.data.sources import (
@@ -28,6 +28,33 @@ VIEW_MODES = ("byol", "supervised")
 # BYOL's asymmetric sides: Gaussian blur and solarisation probabilities for side A and side B.
 BLUR_P = (1.0, 0.1)
 SOLARIZE_P = (0.0, 0.2)
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order that is a function of ``(seed, epoch)`` alone: Lightning calls :meth:`set_epoch` before each
+    epoch, so a run resumed at an epoch boundary sees the same order as an uninterrupted one.
+
+    Starting an epoch also seeds torch's global RNG from ``(seed, epoch)``: augmentations that run in the main
+    process (``num_workers=0``) then repeat exactly after a resume. Worker processes are seeded by the DataLoader,
+    so with ``num_workers > 0`` the order repeats and the augmentations are drawn anew.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.size = len(dataset)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        seed = self.seed * 1_000_003 + self.epoch
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist()
+        torch.manual_seed(seed + 1)
+        return iter(order)
 
 
 class Transformed(Dataset):
@@ -147,7 +174,7 @@ class MultiLevelDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=EpochShuffle(dataset, self.seed) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from mcl.data.sources import MissingDatasetError, read_rgb
 
+log = logging.getLogger(__name__)
 # COCOeval.stats order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -25,15 +28,25 @@ def quiet_coco(annotation_file: str | Path) -> COCO:
     path = Path(annotation_file)
     if not path.is_file():
         raise MissingDatasetError(f"COCO annotation file {path} does not exist")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(path))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as error:
+        raise ValueError(f"{path} is not a COCO annotation file ({type(error).__name__}: {error})") from error
 
 
 class CocoDetection(Dataset):
     """``(image (3, H, W) float in [0, 1], target)`` with torchvision's target keys: ``boxes`` (xyxy), ``labels``
     (COCO category ids, so 0 stays the background), ``masks`` (with ``masks=True``) and ``image_id``."""
 
-    def __init__(self, image_dir: str | Path, annotation_file: str | Path, masks: bool = False, train: bool = False):
+    def __init__(
+        self,
+        image_dir: str | Path,
+        annotation_file: str | Path,
+        masks: bool = False,
+        train: bool = False,
+        drop_degenerate_boxes: bool = False,
+    ):
         self.image_dir = Path(image_dir)
         if not self.image_dir.is_dir():
             raise MissingDatasetError(f"image folder {self.image_dir} does not exist")
@@ -41,6 +54,40 @@ class CocoDetection(Dataset):
         self.ids = sorted(self.coco.getImgIds())
         self.masks = masks
         self.train = train
+        self.check_images(annotation_file)
+        self.check_boxes(annotation_file, drop_degenerate_boxes)
+
+    def check_images(self, annotation_file: str | Path) -> None:
+        """Every image the annotations list must exist, found now rather than during the first epoch."""
+        missing = [
+            info["file_name"]
+            for info in self.coco.loadImgs(self.ids)
+            if not (self.image_dir / info["file_name"]).is_file()
+        ]
+        if missing:
+            raise MissingDatasetError(
+                f"{len(missing)} image(s) listed in {annotation_file} are missing from {self.image_dir}, e.g. "
+                + ", ".join(missing[:5])
+            )
+
+    def check_boxes(self, annotation_file: str | Path, drop: bool) -> None:
+        """Boxes with zero or negative width or height: an error naming them, or dropped with a count."""
+        bad = [a for a in self.coco.dataset.get("annotations", []) if len(a["bbox"]) != 4 or min(a["bbox"][2:]) <= 0]
+        if not bad:
+            return
+        ids = [a.get("id") for a in bad]
+        if not drop:
+            raise ValueError(
+                f"{annotation_file}: {len(bad)} annotation(s) have a box of zero or negative width or height "
+                f"(ids {ids[:10]}); fix them or set data.drop_degenerate_boxes=true to drop them"
+            )
+        log.warning("%s: dropped %d annotation(s) with degenerate boxes (ids %s)", annotation_file, len(bad), ids[:10])
+        for annotation_id in ids:
+            del self.coco.anns[annotation_id]
+        self.coco.imgToAnns = {
+            image: [a for a in annotations if a["id"] in self.coco.anns]
+            for image, annotations in self.coco.imgToAnns.items()
+        }
 
     def __len__(self) -> int:
         return len(self.ids)

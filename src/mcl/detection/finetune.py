@@ -121,8 +121,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.pretrained:
         missing = load_pretrained(detector, cfg.model.arch, cfg.model.pretrained)
         log.info("loaded %s; %d keys left to the detector: %s", cfg.model.pretrained, len(missing), missing[:8])
-    train_set = CocoDetection(cfg.data.train_images, cfg.data.train_annotations, masks=masks, train=True)
-    val_set = CocoDetection(cfg.data.val_images, cfg.data.val_annotations, masks=masks)
+    drop = bool(cfg.data.get("drop_degenerate_boxes", False))
+    train_set = CocoDetection(cfg.data.train_images, cfg.data.train_annotations, masks, True, drop)
+    val_set = CocoDetection(cfg.data.val_images, cfg.data.val_annotations, masks, drop_degenerate_boxes=drop)
     loader = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
     module = DetectionModule(
         detector,

@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
@@ -90,11 +89,12 @@ def load_pretrained(detector: nn.Module, arch: str, weights: str | Path) -> list
 
     Unexpected keys are an error: they mean the weights were made for another architecture.
     """
+    from mcl.checkpoints import load_checkpoint
     from mcl.export import EXPORTERS, load_pretraining_checkpoint
 
     path = Path(weights)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "state_dict" in state:
+    state = load_checkpoint(path)
+    if "state_dict" in state:
         state = EXPORTERS[EXPORT_FORMAT[arch]](*load_pretraining_checkpoint(path))
     result = detector.load_state_dict(state, strict=False)
     if result.unexpected_keys:

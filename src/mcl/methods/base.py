@@ -95,6 +95,7 @@ class MultiLevelModule(pl.LightningModule):
         weight_init: str = "default",
         knn_k: int = 200,
         knn_temperature: float = 0.1,
+        max_weight_norm_ratio: float | None = 1.0e4,
         seed: int = 0,
     ):
         super().__init__()
@@ -105,6 +106,15 @@ class MultiLevelModule(pl.LightningModule):
         self.montage_rule = montage_counts if isinstance(montage_counts, str) else list(montage_counts)
         count_montages(self.montage_rule, 1, levels)
         self.level_weights = resolve_level_weights(level_weights, levels)
+        if not any(self.level_weights):
+            raise ValueError(
+                f"level_weights={self.level_weights} is invalid: every level weight is 0, so the loss would be 0 and "
+                "nothing would train; give at least one level a positive weight"
+            )
+        if max_weight_norm_ratio is not None and max_weight_norm_ratio <= 1:
+            raise ValueError(f"max_weight_norm_ratio={max_weight_norm_ratio} is invalid: use a number > 1 or null")
+        self.max_weight_norm_ratio = max_weight_norm_ratio
+        self._initial_weight_norm: float | None = None
         self.downscale_mode = downscale_mode
         self.optimizer_factory = optimizer
         self.warmup_epochs = warmup_epochs
@@ -239,25 +249,117 @@ class MultiLevelModule(pl.LightningModule):
             )
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        self._configured_groups = [
+            {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
+        ]
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """On resume, apply the config's optimiser hyper-parameters and lr rather than the checkpoint's (Lightning
+        restores the optimizer's and scheduler's saved values), and say which changed."""
+        configured = getattr(self, "_configured_groups", None)
+        if not configured or self.trainer.ckpt_path is None:
+            return
+        changes: set[str] = set()
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            optimizer = scheduler.optimizer
+            for index, (group, wanted) in enumerate(zip(optimizer.param_groups, configured, strict=True)):
+                for key, value in wanted.items():
+                    if key in ("lr", "buffer_lr") or group.get(key) == value:
+                        continue
+                    if key == "initial_lr":
+                        changes.add(f"lr {group[key]:g} -> {value:g}")
+                        scheduler.base_lrs[index] = value
+                    else:
+                        changes.add(f"{key} {group.get(key)} -> {value}")
+                    group[key] = value
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                lrs = [
+                    base * fn(scheduler.last_epoch)
+                    for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+                ]
+                for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                    group["lr"] = lr
+                scheduler._last_lr = lrs
+        if changes:
+            log.warning(
+                "resumed with other optimiser settings than the checkpoint's; applying: %s", ", ".join(sorted(changes))
+            )
 
     def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Stop before the optimiser step on a non-finite loss, so the weights and the last checkpoint stay good."""
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at global step {self.global_step} (batch {batch_idx}); "
-                "the step was not applied and the last checkpoint is unchanged. Lower optimizer.lr, raise "
+                f"the step was not applied. {self.saved_state_note()} Lower optimizer.lr, raise "
                 "scheduler.warmup_epochs or use 32-bit precision (trainer.precision=32-true)."
             )
 
+    # ------------------------------------------------------------- divergence
+    def saved_state_note(self) -> str:
+        """Which checkpoint holds good weights: the run's ``last.ckpt`` and its step, if one was written."""
+        from mcl.checkpoints import LastCheckpoint, load_checkpoint
+
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+        if last is None or not last.path.is_file():
+            return "No checkpoint of this run was written."
+        step = load_checkpoint(last.path).get("global_step")
+        return (
+            f"The newest checkpoint, {last.path} (step {step}), was written before this and passed the weight check; "
+            "resume from it with ckpt_path=... and the new settings (they apply on resume)."
+        )
+
+    def weight_norm(self) -> float:
+        """The L2 norm of all trainable weights (one host sync)."""
+        weights = [p.detach().float() for p in self.parameters() if p.requires_grad]
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(weights))))
+
+    def check_weights(self) -> None:
+        """Raise if the weights are non-finite or their norm grew past ``max_weight_norm_ratio`` x its initial value."""
+        norm = self.weight_norm()
+        initial, ratio = self._initial_weight_norm, self.max_weight_norm_ratio
+        finite = math.isfinite(norm)
+        if finite and (ratio is None or initial is None or norm <= ratio * initial):
+            return
+        growth = f"{norm:.3g}, {norm / initial:.3g}x its initial {initial:.3g}" if finite and initial else f"{norm}"
+        raise FloatingPointError(
+            f"the weights diverged at global step {self.global_step}: their norm is {growth} (limit "
+            f"method.max_weight_norm_ratio={ratio}); this state was not saved. {self.saved_state_note()} "
+            "Lower optimizer.lr or raise scheduler.warmup_epochs."
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop on non-finite gradients before they reach the weights (not under fp16 loss scaling, which skips
+        such steps itself)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            raise FloatingPointError(
+                f"non-finite gradients at global step {self.global_step}; the step was not applied. "
+                f"{self.saved_state_note()} Lower optimizer.lr or use 32-bit precision (trainer.precision=32-true)."
+            )
+
+    def on_train_epoch_end(self) -> None:
+        self.check_weights()
+
+    # ----------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never save diverged weights; keep the montage generator and the initial weight norm."""
+        self.check_weights()
         if self._generator is not None:
             checkpoint["montage_generator_state"] = self._generator.get_state()
+        checkpoint["initial_weight_norm"] = self._initial_weight_norm
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_generator_state = checkpoint.get("montage_generator_state")
+        self._initial_weight_norm = checkpoint.get("initial_weight_norm", self._initial_weight_norm)
 
     def on_fit_start(self) -> None:
+        if self._initial_weight_norm is None:
+            self._initial_weight_norm = self.weight_norm()
         state = getattr(self, "_pending_generator_state", None)
         if state is None:
             return

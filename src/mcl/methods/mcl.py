@@ -210,6 +210,15 @@ class MCL(MultiLevelModule):
             None if present is None else [[present[side, level] for level in target_levels] for side in SIDES],
         )
 
+    def setup(self, stage: str) -> None:
+        """Refuse a global batch of one image: InfoNCE against a single target is 0 and nothing would train."""
+        batch = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
+        if stage == "fit" and batch is not None and batch * self.trainer.world_size < 2:
+            raise ValueError(
+                f"batch_size={batch} on {self.trainer.world_size} device(s) gives one target per step: the contrastive "
+                "loss is then 0 and nothing trains; use a global batch of at least 2 (in practice 64 or more)"
+            )
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, _ = batch
         loss, logs = self.forward_losses(views)

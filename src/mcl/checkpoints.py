@@ -1,0 +1,142 @@
+"""Checkpoint files that are never half-written, never run code when read, and always hold the newest state.
+
+- :class:`AtomicCheckpointIO` is the Trainer's checkpoint writer: each file is written to a temporary file in the
+  same folder and renamed over the old one, so a kill while saving leaves the previous file intact. It reads with
+  :func:`load_checkpoint`.
+- :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``: tensors and plain containers only, so a
+  downloaded file cannot run code when loaded; other failures (missing, truncated, not a checkpoint) get a message
+  that names the file.
+- :class:`LastCheckpoint` keeps ``last.ckpt`` equal to the state after the newest step: after every training epoch,
+  every ``every_n_train_steps`` steps, and at the end of training.
+- :func:`newest_loadable` picks the checkpoint to resume from when ``last.ckpt`` is unreadable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+LAST = "last.ckpt"
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint of this library."""
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint read with ``weights_only=True``, or a :class:`CheckpointError` that names the file and the cause."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" in str(error):  # an object that names a Python callable: what a code-carrying pickle needs
+            raise CheckpointError(
+                f"{path} holds Python objects beyond tensors and plain containers, and such a file can run code when "
+                "it is loaded, so it is refused. Checkpoints and exports written by this library never do; if you "
+                "trust the file's origin, load it yourself with torch.load(..., weights_only=False) and re-save its "
+                "state_dict."
+            ) from error
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({error})") from error
+    except Exception as error:  # anything else a foreign or cut file makes the unpickler raise
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or not a PyTorch file): {error}"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
+    return checkpoint
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO with rename-into-place writes and ``weights_only`` reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location if map_location is not None else "cpu")
+
+
+class LastCheckpoint(pl.Callback):
+    """Keeps ``<dirpath>/last.ckpt`` at the newest training state (what resume, export and requeued jobs read).
+
+    Written after every training epoch (after its validation), every ``every_n_train_steps`` optimiser steps when
+    set (long epochs), and when training ends, never twice for the same step.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None):
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps={every_n_train_steps} is invalid: use a positive int or null")
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps = every_n_train_steps
+        self.saved_step: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / LAST
+
+    def save(self, trainer: pl.Trainer) -> None:
+        if trainer.sanity_checking or trainer.global_step == self.saved_step:
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        every = self.every_n_train_steps
+        if every and trainer.global_step % every == 0:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+
+def newest_loadable(dirpath: str | Path, preferred: str | Path | None = None) -> Path | None:
+    """``preferred`` (default ``last.ckpt``) if it loads, else the newest ``*.ckpt`` in ``dirpath`` that loads, with a
+    warning naming both; ``None`` when none does."""
+    dirpath = Path(dirpath)
+    preferred = Path(preferred) if preferred is not None else dirpath / LAST
+    candidates = [preferred] + sorted(
+        (p for p in dirpath.glob("*.ckpt") if p != preferred), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            load_checkpoint(candidate)
+        except CheckpointError as error:
+            log.warning("cannot resume from %s: %s", candidate, error)
+            continue
+        if candidate != preferred:
+            log.warning("%s cannot be read; resuming from %s, the newest checkpoint that loads", preferred, candidate)
+        return candidate
+    return None

@@ -1,0 +1,155 @@
+"""Checkpoint files: last.ckpt is the newest state, writes are atomic, reads never run code."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.demos.boring_classes import BoringModel
+
+from mcl.checkpoints import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    LastCheckpoint,
+    atomic_save,
+    load_checkpoint,
+    newest_loadable,
+)
+
+
+class StepsAtEpochEnd(pl.Callback):
+    """Records the global step stored in last.ckpt after each epoch (after every other callback of that epoch)."""
+
+    def __init__(self, path: Path):
+        self.path, self.steps = path, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.steps.append(load_checkpoint(self.path)["global_step"])
+
+
+class WorseEachEpoch(BoringModel):
+    """A model whose monitored metric only gets worse, so a best-checkpoint callback saves once."""
+
+    def on_validation_epoch_end(self):
+        self.log("score", float(-self.current_epoch))
+
+
+def boring_trainer(tmp_path, *callbacks, **kwargs):
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        plugins=[AtomicCheckpointIO()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        **kwargs,
+    )
+
+
+def test_last_checkpoint_holds_the_newest_state_after_every_epoch(tmp_path):
+    """Lightning's save_last on a monitored ModelCheckpoint only writes last.ckpt beside a new best; ours always."""
+    last = LastCheckpoint(tmp_path / "checkpoints")
+    probe = StepsAtEpochEnd(last.path)
+    best = ModelCheckpoint(tmp_path / "checkpoints", monitor="score", mode="max", save_last=False)
+    boring_trainer(tmp_path, best, last, probe, max_epochs=3).fit(WorseEachEpoch())
+    assert probe.steps == [4, 8, 12]
+    assert load_checkpoint(last.path)["global_step"] == 12
+    assert len(list((tmp_path / "checkpoints").glob("epoch=0*.ckpt"))) == 1  # the best stayed at epoch 0
+
+
+def test_last_checkpoint_every_n_steps_and_at_a_mid_epoch_stop(tmp_path):
+    last = LastCheckpoint(tmp_path / "checkpoints", every_n_train_steps=3)
+    saved = []
+    original = last.save
+
+    def record(trainer):
+        original(trainer)
+        saved.append(last.saved_step)
+
+    last.save = record
+    boring_trainer(tmp_path, last, max_epochs=5, max_steps=7).fit(BoringModel())
+    assert sorted(set(saved)) == [3, 4, 6, 7]  # every 3 steps, after epoch 1 (step 4), and the final step 7
+    assert load_checkpoint(last.path)["global_step"] == 7
+
+
+def test_bad_interval_is_rejected():
+    with pytest.raises(ValueError, match="every_n_train_steps=0"):
+        LastCheckpoint("x", every_n_train_steps=0)
+
+
+KILLED_WRITER = """
+import os, sys, torch
+from mcl.checkpoints import atomic_save
+real_save = torch.save
+def half_then_die(obj, file):
+    file.write(b"PK\\x03\\x04 half a checkpoint")
+    file.flush()
+    os._exit(9)  # killed mid-write
+torch.save = half_then_die
+atomic_save({"state_dict": {"w": torch.zeros(3)}}, sys.argv[1])
+"""
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    atomic_save({"global_step": 5, "state_dict": {"w": torch.ones(3)}}, path)
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], capture_output=True, timeout=120)
+    assert result.returncode == 9
+    assert load_checkpoint(path)["global_step"] == 5  # the old file, whole
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    assert all(name.startswith(".last.ckpt.") for name in leftovers)  # only the abandoned temp file
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_a_pickle_that_carries_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": RunsCode()}, path)
+    with pytest.raises(CheckpointError, match="can run code"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (os.urandom(4096), "not a PyTorch checkpoint|not a readable checkpoint"),
+        (b"epoch,loss\n0,1.5\n", "not a PyTorch checkpoint|not a readable checkpoint"),
+        (None, "not a readable checkpoint"),  # a real checkpoint cut in half
+    ],
+)
+def test_files_that_are_not_checkpoints_are_named(tmp_path, content, message):
+    path = tmp_path / "file.ckpt"
+    if content is None:
+        atomic_save({"state_dict": {"w": torch.randn(1000)}}, path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_resume_falls_back_to_the_newest_loadable_checkpoint(tmp_path, caplog):
+    older, newer = tmp_path / "epoch=000.ckpt", tmp_path / "epoch=001.ckpt"
+    atomic_save({"global_step": 4}, older)
+    atomic_save({"global_step": 8}, newer)
+    os.utime(older, (1, 1))
+    (tmp_path / "last.ckpt").write_bytes(b"truncated")
+    assert newest_loadable(tmp_path) == newer
+    assert "last.ckpt cannot be read; resuming from" in caplog.text and str(newer) in caplog.text
+    newer.write_bytes(b"")
+    assert newest_loadable(tmp_path) == older
+    older.unlink()
+    assert newest_loadable(tmp_path) is None
