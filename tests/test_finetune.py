@@ -59,7 +59,7 @@ def test_detectors_load_mcl_weights_with_only_detector_keys_missing(r18_checkpoi
 
 def test_mismatched_weights_are_refused(r18_checkpoint, tmp_path):
     _, checkpoint = r18_checkpoint
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match=r"does not fit fasterrcnn_v2: \d+ tensors have other shapes.*size mismatch"):
         load_pretrained(build_detector("fasterrcnn_v2", "resnet50", 11), "fasterrcnn_v2", checkpoint)
 
 

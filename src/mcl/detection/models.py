@@ -96,7 +96,14 @@ def load_pretrained(detector: nn.Module, arch: str, weights: str | Path) -> list
     state = load_checkpoint(path)
     if "state_dict" in state:
         state = EXPORTERS[EXPORT_FORMAT[arch]](*load_pretraining_checkpoint(path))
-    result = detector.load_state_dict(state, strict=False)
+    try:
+        result = detector.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches: another backbone depth or width
+        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        raise ValueError(
+            f"{path} does not fit {arch}: {len(mismatches)} tensors have other shapes, e.g. {mismatches[:2]}; "
+            "pretrain (or export) with the backbone the detector uses (model.backbone)"
+        ) from error
     if result.unexpected_keys:
         raise ValueError(
             f"{path} does not fit {arch}: unexpected keys {result.unexpected_keys[:5]}...; "
