@@ -193,9 +193,9 @@ ARCHITECTURE_KEYS = (
 )
 
 
-def check_compatible(checkpoint_path: str | Path, model: pl.LightningModule) -> None:
+def check_compatible(checkpoint: dict[str, Any], checkpoint_path: str | Path, model: pl.LightningModule) -> None:
     """Stop with the differing hyper-parameters when a checkpoint was trained with another architecture."""
-    saved = load_checkpoint(checkpoint_path).get("hyper_parameters") or {}
+    saved = checkpoint.get("hyper_parameters") or {}
     wanted = dict(model.hparams)
     differences = [
         f"{key}: checkpoint {saved[key]!r}, config {wanted[key]!r}"
@@ -210,10 +210,9 @@ def check_compatible(checkpoint_path: str | Path, model: pl.LightningModule) -> 
         )
 
 
-def finished_epochs(checkpoint_path: str | Path) -> int:
-    """Epochs whose training the run that wrote ``checkpoint_path`` had finished (``last.ckpt`` is written at the
-    end of an epoch, before Lightning counts it as completed, hence ``processed``)."""
-    checkpoint = load_checkpoint(checkpoint_path)
+def finished_epochs(checkpoint: dict[str, Any]) -> int:
+    """Epochs whose training the run that wrote ``checkpoint`` had finished (``last.ckpt`` is written at the end of
+    an epoch, before Lightning counts it as completed, hence ``processed``)."""
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
     return int(progress.get("processed", checkpoint.get("epoch", -1) + 1))
 
@@ -284,8 +283,9 @@ def run_in_folder(
     ckpt_path = resume_path(cfg)
     max_epochs = int(cfg.trainer.max_epochs)
     if ckpt_path is not None:
-        check_compatible(ckpt_path, model)
-        done = finished_epochs(ckpt_path)
+        checkpoint = load_checkpoint(ckpt_path, map_location="meta")  # metadata only: no tensor data is read
+        check_compatible(checkpoint, ckpt_path, model)
+        done = finished_epochs(checkpoint)
         if state.get("status") == "finished" and done >= max_epochs:
             log.warning(
                 "%s already holds a finished run (%d epochs, %s); nothing to do. Ask for more epochs "
@@ -305,9 +305,13 @@ def run_in_folder(
     if any(is_wandb(logger_cfg) for logger_cfg in (cfg.get("logger") or {}).values()):
         wandb_id = wandb_id or new_wandb_id()
     is_zero = rank_zero_only.rank == 0
+
+    def record(status: str) -> None:
+        write_json({"status": status, "max_epochs": max_epochs, "wandb_id": wandb_id}, output_dir / STATE_FILE)
+
     if is_zero:
         save_hydra_files(cfg, output_dir)
-        write_json({"status": "running", "max_epochs": max_epochs, "wandb_id": wandb_id}, output_dir / STATE_FILE)
+        record("running")
     trainer = instantiate_trainer(cfg, wandb_id=wandb_id)
     metrics: dict[str, float] = dict(previous) if ckpt_path else {}
     try:
@@ -320,11 +324,11 @@ def run_in_folder(
             metrics.update(scalar_metrics(trainer.callback_metrics))
     except BaseException:
         if is_zero:
-            write_json({"status": "failed", "max_epochs": max_epochs, "wandb_id": wandb_id}, output_dir / STATE_FILE)
+            record("failed")
         raise
     if trainer.is_global_zero:
         save_metrics(metrics, output_dir)
-        write_json({"status": "finished", "max_epochs": max_epochs, "wandb_id": wandb_id}, output_dir / STATE_FILE)
+        record("finished")
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:
         log.info("best checkpoint: %s", checkpoint.best_model_path)
