@@ -5,8 +5,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from mcl.backbones import Backbone
 from mcl.export import CheckpointKindError
-from mcl.linear import frozen_backbone, linear_eval
+from mcl.linear import LinearProbe, frozen_backbone, linear_eval
 from mcl.methods import MCL
 from mcl.train import CONFIG_DIR
 
@@ -55,3 +56,16 @@ def test_linear_refuses_a_foreign_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(1)}, plain)
     with pytest.raises(CheckpointKindError):
         frozen_backbone(str(plain))
+
+
+def test_top1_is_the_fraction_of_images_right_and_macro_is_named_apart():
+    """8 images of class 0 all right, 2 of class 1 both wrong: top-1 is 80 % of the images, the mean of per-class
+    recalls (macro) 50 %."""
+    probe = LinearProbe(Backbone("resnet18"), num_classes=2, optimizer=None)
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    logits = torch.tensor([[1.0, 0.0]] * 10)
+    probe.forward = lambda images: logits
+    probe.validation_step((torch.zeros(10, 3, 32, 32), labels), 0)
+    assert probe.top1.compute().item() == pytest.approx(0.8)
+    assert probe.top1_macro.compute().item() == pytest.approx(0.5)
+    assert probe.top5.compute().item() == pytest.approx(1.0)

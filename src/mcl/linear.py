@@ -46,8 +46,11 @@ class LinearProbe(pl.LightningModule):
         self.backbone = backbone
         self.classifier = nn.Linear(backbone.channels[-1], num_classes)
         self.optimizer_factory = optimizer
-        self.top1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        # Top-1/top-5 as SSL papers report them: the fraction of images classified right (micro). The mean of
+        # per-class recalls (torchmetrics' default, macro) is logged beside them as val/top1_macro.
+        self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.top1_macro = MulticlassAccuracy(num_classes, top_k=1, average="macro")
 
     def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
@@ -68,14 +71,15 @@ class LinearProbe(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.top1.update(logits, labels)
-        self.top5.update(logits, labels)
+        for metric in (self.top1, self.top5, self.top1_macro):
+            metric.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/top1", 100.0 * self.top1.compute(), prog_bar=True, sync_dist=True)
         self.log("val/top5", 100.0 * self.top5.compute(), sync_dist=True)
-        self.top1.reset()
-        self.top5.reset()
+        self.log("val/top1_macro", 100.0 * self.top1_macro.compute(), sync_dist=True)
+        for metric in (self.top1, self.top5, self.top1_macro):
+            metric.reset()
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.classifier.parameters())
