@@ -35,10 +35,10 @@ import os, sys, torch
 calls = []
 real = torch.save
 def save(obj, file, *args, **kwargs):
-    if ".last.ckpt." in str(getattr(file, "name", "")):
+    if ".last.ckpt." in str(file):
         calls.append(1)
         if len(calls) == 2:
-            file.write(b"PK half a checkpoint"); file.flush(); os._exit(137)
+            open(file, "wb").write(b"PK half a checkpoint"); os._exit(137)
     return real(obj, file, *args, **kwargs)
 torch.save = save
 from mcl.train import main

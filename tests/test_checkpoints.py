@@ -87,9 +87,9 @@ KILLED_WRITER = """
 import os, sys, torch
 from mcl.checkpoints import atomic_save
 real_save = torch.save
-def half_then_die(obj, file):
-    file.write(b"PK\\x03\\x04 half a checkpoint")
-    file.flush()
+def half_then_die(obj, path):
+    with open(path, "wb") as file:
+        file.write(b"PK\\x03\\x04 half a checkpoint")
     os._exit(9)  # killed mid-write
 torch.save = half_then_die
 atomic_save({"state_dict": {"w": torch.zeros(3)}}, sys.argv[1])

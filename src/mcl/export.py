@@ -7,7 +7,6 @@ format can hold them, the pyramid and the 4 tile-head convs (which have the shap
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import re
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from mcl.checkpoints import CheckpointError, atomic_save, load_checkpoint
+from mcl.runs import replaced_atomically
 
 FORMATS = ("timm", "torchvision", "fasterrcnn_v2", "retinanet_v2", "detectron2")
 BACKBONE_PREFIX = "backbone.model."
@@ -172,11 +172,8 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path) -> Path:
     if output.is_dir():
         raise IsADirectoryError(f"--output {output} is a folder; name the file to write")
     if fmt == "detectron2":
-        output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = output.with_name(f".{output.name}.tmp")
-        with open(temporary, "wb") as handle:
+        with replaced_atomically(output) as temporary, open(temporary, "wb") as handle:
             pickle.dump(weights, handle)
-        os.replace(temporary, output)
     else:
         atomic_save(weights, output)
     return output

@@ -16,6 +16,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,27 @@ class RunFolderBusy(RuntimeError):
     """Another live process owns the run folder."""
 
 
-def write_json(data: Any, path: str | Path) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically: a temporary file in the same folder, then a rename."""
+@contextmanager
+def replaced_atomically(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without error, the file written there is flushed
+    to disk and renamed over ``path``. A kill or an error before then leaves ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        yield temporary
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    return path
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (:func:`replaced_atomically`)."""
+    with replaced_atomically(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return Path(path)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

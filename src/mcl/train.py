@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mcl.checkpoints import LAST, AtomicCheckpointIO, load_checkpoint, newest_loadable
-from mcl.runs import STATE_FILE, RunLock, read_json, write_json
+from mcl.runs import STATE_FILE, RunLock, read_json, replaced_atomically, write_json
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).parent / "conf")
@@ -238,9 +238,8 @@ def save_hydra_files(cfg: DictConfig, output_dir: Path) -> None:
         "overrides.yaml": hydra_cfg.overrides.task,
     }
     for name, content in files.items():
-        temporary = folder / f".{name}.tmp"
-        OmegaConf.save(content, temporary)
-        os.replace(temporary, folder / name)
+        with replaced_atomically(folder / name) as temporary:
+            OmegaConf.save(content, temporary)
 
 
 def new_wandb_id() -> str:
