@@ -1,4 +1,4 @@
-"""timm backbones that return the C2..C5 stages (strides 4, 8, 16, 32) as NCHW tensors (SPEC §2, §4)."""
+"""timm backbones that return the C2..C5 stages (strides 4, 8, 16, 32) as NCHW tensors."""
 
 from __future__ import annotations
 

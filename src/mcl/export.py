@@ -1,4 +1,4 @@
-"""Export a pretraining checkpoint (MCL or supervised) to the names other libraries load (SPEC §8).
+"""Export a pretraining checkpoint (MCL or supervised) to the names other libraries load.
 
 ``mcl-export CKPT --format FORMAT --output PATH``. The online network is exported: backbone, and where the
 format can hold them, the pyramid and the 4 tile-head convs (which have the shapes of a Faster R-CNN box head).

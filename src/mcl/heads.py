@@ -1,4 +1,4 @@
-"""The shared tile head, projector and predictors (SPEC §4).
+"""The shared tile head, projector and predictors.
 
 Every montage cell covers exactly a ``t x t`` tile of its pyramid map (``t = H / 32``), so cells are cut out by a
 reshape. The head's convs run on each tile separately, with zero padding at tile borders: no cell sees its

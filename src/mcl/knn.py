@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification of frozen features, the pretraining monitor (SPEC §8)."""
+"""Weighted k-nearest-neighbour classification of frozen features, the pretraining monitor."""
 
 from __future__ import annotations
 

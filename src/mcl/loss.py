@@ -1,4 +1,4 @@
-"""Multi-level contrastive losses (SPEC §5): pure functions on embeddings, no Lightning."""
+"""Multi-level contrastive losses: pure functions on embeddings, no Lightning."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def level_weights(rule: str | Sequence[float], levels: int) -> list[float]:
 
 
 def target_levels(assignment: str, level: int, levels: int) -> list[int]:
-    """The target levels that online level ``level`` is compared with (SPEC §5).
+    """The target levels that online level ``level`` is compared with.
 
     ``top``: the plain level-0 view (the released code); ``same-level``: the target network's embedding of the same
     image at the same level; ``all-levels``: every target level, losses averaged.
@@ -163,7 +163,7 @@ def multi_level_loss(
     target_assignment: str = "top",
     present: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Symmetric multi-level loss (SPEC §5).
+    """Symmetric multi-level loss.
 
     Args:
         predictions: ``predictions[side][level]`` ``(N, D)``, the online predictions of the cells of one side's

@@ -1,4 +1,4 @@
-"""The momentum (EMA) target network: schedule and update (SPEC §6)."""
+"""The momentum (EMA) target network: schedule and update."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Montage assembly: downscaled views tiled into full-size images (SPEC §3).
+"""Montage assembly: downscaled views tiled into full-size images.
 
 Level ``i`` downscales every view by ``2**i`` and tiles ``4**i`` of them into a ``2**i x 2**i`` grid, so each
 montage has the size of the original view. ``sources`` records, row-major, which batch image fills each cell;

@@ -1,4 +1,4 @@
-"""Optimiser parameter groups, LARS with the released code's momentum rule, and learning-rate schedules (SPEC §6)."""
+"""Optimiser parameter groups, LARS with the released code's momentum rule, and learning-rate schedules."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Necks that turn C2..C5 into the 256-channel pyramid map each montage level reads (SPEC §2, §4).
+"""Necks that turn C2..C5 into the 256-channel pyramid map each montage level reads.
 
 Montage level ``i`` reads pyramid level ``P(5-i)``: level 0 -> P5, 1 -> P4, 2 -> P3, 3 -> P2. A neck is asked
 for the maps of images ordered by level and computes only what each level needs, so level-0 views never pay for

@@ -1,4 +1,4 @@
-"""View generation on uint8 ``(C, H, W)`` tensors with torchvision.transforms.v2 (SPEC §6)."""
+"""View generation on uint8 ``(C, H, W)`` tensors with torchvision.transforms.v2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A small real detection set: Fashion-MNIST items pasted at widely varying scales onto canvases (SPEC §9).
+"""A small real detection set: Fashion-MNIST items pasted at widely varying scales onto canvases.
 
 Deterministic for a seed. Writes COCO-format annotations (boxes, RLE instance masks, categories) beside the PNG
 canvases, so any COCO tool reads it. Items pasted later occlude earlier ones; masks, boxes and areas describe what

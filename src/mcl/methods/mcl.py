@@ -1,4 +1,4 @@
-"""MCL: self-supervised multi-level contrastive pretraining against a momentum target (SPEC §1, §4-§6)."""
+"""MCL: self-supervised multi-level contrastive pretraining against a momentum target."""
 
 from __future__ import annotations
 

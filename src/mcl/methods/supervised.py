@@ -1,4 +1,4 @@
-"""Supervised multi-level pretraining (the appendix's Fig. 4, SPEC §7).
+"""Supervised multi-level pretraining (the appendix's Fig. 4).
 
 S augmented views of each labelled image; view s is shrunk by ``2**s`` and tiled into level-s montages, the labels
 are assembled in the same cell order, and the shared pyramid + tile head + a linear classifier give one logit vector
