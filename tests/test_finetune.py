@@ -126,3 +126,30 @@ def test_bad_annotations_are_named_before_training(canvas, tmp_path):
     missing = copy_canvas(canvas, tmp_path / "c", remove_image=True)
     with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in .*train.json are missing"):
         CocoDetection(missing / "train", missing / "annotations" / "train.json")
+
+
+def test_detector_width_follows_the_pretraining_neck(tmp_path):
+    """A 64-channel pyramid (neck.out_channels=64) loads into a detector with fpn_channels=64, head included."""
+    model = MCL(**small_trunk(4, neck={"name": "fpn", "out_channels": 64}))
+    checkpoint = save_checkpoint(model, tmp_path / "narrow.ckpt")
+    detector = build_detector("fasterrcnn_v2", "resnet18", num_classes=11, fpn_channels=64)
+    missing = load_pretrained(detector, "fasterrcnn_v2", checkpoint)
+    assert not any(k.startswith(("backbone.", "roi_heads.box_head.0.")) for k in missing)
+    assert torch.equal(detector.roi_heads.box_head[0][0].weight, model.head.convs[0][0].weight)
+    assert detector.backbone.fpn.layer_blocks[0][0].weight.shape == (64, 64, 3, 3)
+    normalised = build_detector("fasterrcnn_v2", "resnet18", 11, image_mean=[0.1] * 3, image_std=[0.2] * 3)
+    assert normalised.transform.image_mean == [0.1] * 3 and normalised.transform.image_std == [0.2] * 3
+    with pytest.raises(ValueError, match="tensors have other shapes"):
+        load_pretrained(build_detector("fasterrcnn_v2", "resnet18", 11), "fasterrcnn_v2", checkpoint)
+
+
+def test_finetune_normalises_with_the_given_mean_and_std_and_reports_weights(canvas, r18_checkpoint, tmp_path):
+    _, checkpoint = r18_checkpoint
+    cfg = finetune_cfg(
+        canvas, tmp_path, f"model.pretrained={checkpoint}", "model.image_mean=[0.286,0.286,0.286]",
+        "model.image_std=[0.353,0.353,0.353]", "~callbacks.checkpoint", "~callbacks.last",
+    )  # fmt: skip
+    metrics = finetune(cfg)
+    assert set(metrics["weights"]) >= {"stem", "res2", "res5", "fpn", "rpn", "box_head", "box_predictor"}
+    assert all(part["relative_move"] > 0 for part in metrics["weights"].values())
+    assert len(metrics["area_ranges"]) == 3 and {"val/APs3", "val/APm3", "val/APl3"} <= set(metrics)

@@ -4,7 +4,7 @@ spread of object scales of COCO-format datasets (Fig. 5: std 188.4 on COCO, 56.7
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,63 @@ def ap_by_iou_figure(runs: Mapping[str, Mapping[float, float]], baseline: str) -
     right.axhline(0, color="black", linewidth=0.8)
     for axis in (left, right):
         axis.legend()
+    return figure
+
+
+def ap_by_iou_seeds_figure(runs: Mapping[str, Sequence[Mapping[float, float]]], baseline: str) -> Figure:
+    """:func:`ap_by_iou_figure` with seed spread: ``runs`` maps a name to one curve per fine-tuning seed.
+
+    Left: mean AP against the IoU threshold with a band of ± one standard deviation over seeds. Right: the gain of
+    each run's mean over the baseline's, with error bars of twice the combined standard error of the two means.
+    """
+    if baseline not in runs:
+        raise KeyError(f"baseline {baseline!r} is not among the runs {list(runs)}")
+    stats = {}
+    for name, curves in runs.items():
+        values = np.array([[curve[t] for t in sorted(curve)] for curve in curves])
+        std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
+        stats[name] = (sorted(curves[0]), values.mean(axis=0), std, len(values))
+    figure = Figure(figsize=(10, 4), layout="tight")
+    left, right = figure.subplots(1, 2)
+    for name, (thresholds, mean, std, _) in stats.items():
+        left.plot(thresholds, mean, marker="o", label=f"{name} ({len(runs[name])} seeds)")
+        left.fill_between(thresholds, mean - std, mean + std, alpha=0.2)
+    _, base_mean, base_std, base_n = stats[baseline]
+    others = [name for name in stats if name != baseline]
+    width = 0.04 / max(1, len(others))
+    for index, name in enumerate(others):
+        thresholds, mean, std, n = stats[name]
+        offset = (index - (len(others) - 1) / 2) * width
+        error = 2 * np.sqrt(std**2 / n + base_std**2 / base_n)
+        right.bar(np.array(thresholds) + offset, mean - base_mean, width=width, yerr=error, capsize=2, label=name)
+    left.set(xlabel="IoU threshold", ylabel="box AP", title="AP by IoU threshold (mean ± std over seeds)")
+    right.set(xlabel="IoU threshold", ylabel=f"AP gain over {baseline}", title="gain ± 2 combined standard errors")
+    right.axhline(0, color="black", linewidth=0.8)
+    for axis in (left, right):
+        axis.legend(fontsize=8)
+    return figure
+
+
+def plot_ap_by_iou_seeds(
+    runs: Mapping[str, Sequence[Mapping[float, float]]], baseline: str, output: str | Path
+) -> Path:
+    """:func:`ap_by_iou_seeds_figure` saved to ``output``."""
+    ap_by_iou_seeds_figure(runs, baseline).savefig(output, dpi=120)
+    return Path(output)
+
+
+def seed_figure(values: Mapping[str, Sequence[float]], metric: str = "AP") -> Figure:
+    """One column of dots per row (one dot per fine-tuning seed), with the mean and ± twice its standard error."""
+    figure = Figure(figsize=(1.6 + 1.3 * len(values), 4), layout="tight")
+    axis = figure.subplots()
+    for index, row in enumerate(values.values()):
+        seeds = np.asarray(row, dtype=float)
+        offsets = np.linspace(-0.12, 0.12, len(seeds)) if len(seeds) > 1 else np.zeros(1)
+        axis.scatter(index + offsets, seeds, s=18, alpha=0.7)
+        error = 2 * seeds.std(ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
+        axis.errorbar(index + 0.3, seeds.mean(), yerr=error, fmt="_", color="black", capsize=4, markersize=12)
+    axis.set_xticks(range(len(values)), list(values), rotation=20, ha="right")
+    axis.set(ylabel=metric, title=f"{metric} per fine-tuning seed (bar: mean ± 2 SE)")
     return figure
 
 

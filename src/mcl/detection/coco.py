@@ -22,6 +22,8 @@ from mcl.data.sources import MissingDatasetError, read_rgb
 log = logging.getLogger(__name__)
 # COCOeval.stats order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# AP over the dataset's own small / medium / large thirds of objects (coco_evaluate's area_ranges).
+THIRD_NAMES = ("APs3", "APm3", "APl3")
 
 
 def quiet_coco(annotation_file: str | Path) -> COCO:
@@ -115,6 +117,37 @@ class CocoDetection(Dataset):
         return image, target
 
 
+def split_annotations(
+    annotation_file: str | Path, heldout_fraction: float, output_dir: str | Path, seed: int = 0
+) -> tuple[Path, Path]:
+    """Split a COCO file's images at random into ``fit.json`` and ``heldout.json`` (``heldout_fraction`` of them),
+    written to ``output_dir``; both keep the categories and refer to the same image folder."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction={heldout_fraction} is invalid: it must lie strictly between 0 and 1")
+    coco = json.loads(Path(annotation_file).read_text())
+    images = coco["images"]
+    count = round(len(images) * heldout_fraction)
+    if not 0 < count < len(images):
+        raise ValueError(
+            f"{annotation_file} has {len(images)} images: a held-out fraction of {heldout_fraction} "
+            "leaves one part empty"
+        )
+    order = np.random.default_rng(seed).permutation(len(images))
+    heldout_ids = {images[i]["id"] for i in order[:count]}
+    paths = []
+    for name, keep in (("fit", lambda i: i not in heldout_ids), ("heldout", lambda i: i in heldout_ids)):
+        part = {
+            **coco,
+            "images": [image for image in images if keep(image["id"])],
+            "annotations": [a for a in coco["annotations"] if keep(a["image_id"])],
+        }
+        path = Path(output_dir) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(part))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def horizontal_flip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     width = image.shape[-1]
     target = dict(target)
@@ -152,19 +185,51 @@ def to_coco_results(predictions: list[dict[str, torch.Tensor]], image_ids: list[
     return results
 
 
-def coco_evaluate(coco: COCO, results: list[dict], iou_type: str = "bbox") -> dict[str, Any]:
-    """COCO AP metrics, plus ``ap_by_iou``: AP at each IoU threshold 0.50:0.05:0.95 (the paper's Fig. 6)."""
+def area_thirds(coco: COCO) -> list[tuple[float, float]]:
+    """Object-area ranges ``[(0, a1), (a1, a2), (a2, inf)]`` that split a dataset's objects into thirds.
+
+    COCO's fixed thresholds (32² and 96² pixels) suit 800-pixel COCO images; on small images they leave "large"
+    nearly empty. These split the objects actually present into three equal groups (by the annotation ``area``, which
+    is what COCOeval filters on).
+    """
+    areas = np.array([a["area"] for a in coco.dataset.get("annotations", []) if not a.get("iscrowd")], dtype=float)
+    if len(areas) < 3:
+        raise ValueError(f"area thirds need at least 3 annotated objects, the dataset has {len(areas)}")
+    low, high = np.quantile(areas, [1 / 3, 2 / 3])
+    return [(0.0, float(low)), (float(low), float(high)), (float(high), 1e10)]
+
+
+def coco_evaluate(
+    coco: COCO, results: list[dict], iou_type: str = "bbox", area_ranges: list[tuple[float, float]] | None = None
+) -> dict[str, Any]:
+    """COCO AP metrics, plus ``ap_by_iou``: AP at each IoU threshold 0.50:0.05:0.95 (the paper's Fig. 6).
+
+    ``area_ranges`` (three ``(low, high)`` object areas, e.g. :func:`area_thirds`) adds ``APs3``, ``APm3`` and
+    ``APl3``: AP over the small, medium and large objects by those ranges, beside COCO's ``APs``/``APm``/``APl``.
+    """
+    extra = list(area_ranges or [])
+    if extra and len(extra) != 3:
+        raise ValueError(f"area_ranges must hold 3 (low, high) ranges (small, medium, large), got {len(extra)}")
+    extra_names = list(THIRD_NAMES) if extra else []
     if not results:
-        return {**dict.fromkeys(STAT_NAMES, 0.0), "ap_by_iou": {f"{t:.2f}": 0.0 for t in np.linspace(0.5, 0.95, 10)}}
+        empty = dict.fromkeys([*STAT_NAMES, *extra_names], 0.0)
+        return {**empty, "ap_by_iou": {f"{t:.2f}": 0.0 for t in np.linspace(0.5, 0.95, 10)}}
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+        if extra:
+            evaluator.params.areaRng = [*evaluator.params.areaRng, *([float(a), float(b)] for a, b in extra)]
+            evaluator.params.areaRngLbl = [*evaluator.params.areaRngLbl, *extra_names]
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # IoU x recall x class, all areas, 100 detections
-    by_iou = {}
-    for index, threshold in enumerate(evaluator.params.iouThrs):
-        valid = precision[index][precision[index] > -1]
-        by_iou[f"{threshold:.2f}"] = 100.0 * float(valid.mean()) if valid.size else 0.0
+    precision = evaluator.eval["precision"][..., -1]  # IoU x recall x class x area, 100 detections
+
+    def mean_ap(values: np.ndarray) -> float:
+        valid = values[values > -1]
+        return 100.0 * float(valid.mean()) if valid.size else 0.0
+
+    by_iou = {f"{t:.2f}": mean_ap(precision[i, :, :, 0]) for i, t in enumerate(evaluator.params.iouThrs)}
     stats = {name: 100.0 * max(0.0, float(value)) for name, value in zip(STAT_NAMES, evaluator.stats[:6], strict=True)}
+    for offset, name in enumerate(extra_names):
+        stats[name] = mean_ap(precision[:, :, :, 4 + offset])
     return {**stats, "ap_by_iou": by_iou}

@@ -19,7 +19,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from mcl.detection.coco import STAT_NAMES, CocoDetection, coco_evaluate, collate, to_coco_results
+from mcl.detection.coco import (
+    STAT_NAMES,
+    THIRD_NAMES,
+    CocoDetection,
+    area_thirds,
+    coco_evaluate,
+    collate,
+    to_coco_results,
+)
 from mcl.detection.models import build_detector, load_pretrained
 from mcl.distributed import world_size
 from mcl.train import closing_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
@@ -51,6 +59,8 @@ class DetectionModule(pl.LightningModule):
         self.warmup_steps = warmup_steps
         self.masks = masks
         self.coco = None
+        # Object-area ranges for APs3/APm3/APl3 (see mcl.detection.coco.area_thirds); None: COCO's stats only.
+        self.area_ranges: list[tuple[float, float]] | None = None
         self._results: list[dict] = []
         self.last_evaluation: dict[str, Any] = {}
 
@@ -77,7 +87,7 @@ class DetectionModule(pl.LightningModule):
             gathered: list[list[dict]] = [[] for _ in range(world_size())]
             dist.all_gather_object(gathered, results)
             results = [r for part in gathered for r in part]
-        evaluation = {"bbox": coco_evaluate(self.coco, results, "bbox")}
+        evaluation = {"bbox": coco_evaluate(self.coco, results, "bbox", self.area_ranges)}
         if self.masks:
             evaluation["segm"] = coco_evaluate(self.coco, results, "segm")
         self.last_evaluation = evaluation
@@ -85,6 +95,8 @@ class DetectionModule(pl.LightningModule):
             self.log(f"val/{name}", evaluation["bbox"][name], prog_bar=name == "AP")
             if self.masks:
                 self.log(f"val/mask_{name}", evaluation["segm"][name])
+        for name in THIRD_NAMES if self.area_ranges else ():
+            self.log(f"val/{name}", evaluation["bbox"][name])
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
@@ -94,6 +106,48 @@ class DetectionModule(pl.LightningModule):
             optimizer, lambda step: step_schedule(step, min(self.warmup_steps, total), milestones)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# Parts of an R-CNN whose weights are reported apart by weight_report: name -> parameter-name prefix.
+DETECTOR_PARTS = {
+    "stem": "backbone.body.conv1.",
+    "res2": "backbone.body.layer1.",
+    "res3": "backbone.body.layer2.",
+    "res4": "backbone.body.layer3.",
+    "res5": "backbone.body.layer4.",
+    "fpn": "backbone.fpn.",
+    "rpn": "rpn.",
+    "box_head": "roi_heads.box_head.",
+    "box_predictor": "roi_heads.box_predictor.",
+}
+
+
+def conv_weights(detector: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The detector's conv and linear weights (``ndim >= 2``), detached copies, by parameter name."""
+    return {name: p.detach().clone() for name, p in detector.named_parameters() if p.ndim >= 2}
+
+
+def weight_report(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per detector part: the conv/linear weight norm when fine-tuning started and ended, and how far the weights
+    moved relative to where they started (``||w_end - w_start|| / ||w_start||``).
+
+    A conv followed by BatchNorm is scale-invariant, so its effective step is ``lr / ||w||^2``: weights loaded with
+    a norm k times the random initialisation's move k^2 times less for the same learning rate.
+    """
+    report = {}
+    for part, prefix in DETECTOR_PARTS.items():
+        names = [name for name in start if name.startswith(prefix)]
+        if not names:
+            continue
+        norm_start = torch.sqrt(sum(start[n].double().pow(2).sum() for n in names))
+        norm_end = torch.sqrt(sum(end[n].double().pow(2).sum() for n in names))
+        moved = torch.sqrt(sum((end[n].double() - start[n].double()).pow(2).sum() for n in names))
+        report[part] = {
+            "norm_start": float(norm_start),
+            "norm_end": float(norm_end),
+            "relative_move": float(moved / norm_start),
+        }
+    return report
 
 
 def num_classes_of(annotation_file: str) -> int:
@@ -117,6 +171,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         cfg.model.proposals_train,
         cfg.model.proposals_test,
         cfg.model.rois_per_image,
+        cfg.model.get("image_mean"),
+        cfg.model.get("image_std"),
+        cfg.model.get("fpn_channels", 256),
     )
     if cfg.model.pretrained:
         missing = load_pretrained(detector, cfg.model.arch, cfg.model.pretrained)
@@ -133,6 +190,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         masks,
     )
     module.coco = val_set.coco
+    if cfg.get("evaluation", {}).get("area_thirds", False):
+        module.area_ranges = area_thirds(val_set.coco)
+    start_weights = conv_weights(detector)
     trainer = instantiate_trainer(cfg, max_epochs=cfg.schedule.max_epochs)
     with closing_loggers(trainer):
         trainer.fit(
@@ -147,6 +207,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         output = Path(cfg.output_dir) / "evaluation.json"
         output.write_text(json.dumps(module.last_evaluation, indent=1))
     metrics["ap_by_iou"] = module.last_evaluation.get("bbox", {}).get("ap_by_iou", {})
+    metrics["weights"] = weight_report(start_weights, conv_weights(detector))
+    if module.area_ranges:
+        metrics["area_ranges"] = module.area_ranges
     return metrics
 
 

@@ -14,9 +14,7 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-
-# torchvision's own v2 builders assemble the FPN backbone with this helper; it is the only way to get its BN FPN.
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -35,6 +33,15 @@ def anchor_generator(base_size: int, octaves: int) -> AnchorGenerator:
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
 
 
+def resnet_fpn(
+    resnet: nn.Module, stages: list[int], width: int, extra_blocks: nn.Module | None, norm_layer
+) -> BackboneWithFPN:
+    """A torchvision ResNet (every stage trainable) with an FPN of ``width`` channels over ``layer{stages}``."""
+    in_channels = [resnet.inplanes // 8 * 2 ** (stage - 1) for stage in stages]
+    return_layers = {f"layer{stage}": str(index) for index, stage in enumerate(stages)}
+    return BackboneWithFPN(resnet, return_layers, in_channels, width, extra_blocks, norm_layer)
+
+
 def build_detector(
     arch: str = "fasterrcnn_v2",
     backbone: str = "resnet50",
@@ -45,38 +52,43 @@ def build_detector(
     proposals_train: int = 2000,
     proposals_test: int = 1000,
     rois_per_image: int = 512,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
+    fpn_channels: int = 256,
 ) -> nn.Module:
     """A randomly initialised detector; ``num_classes`` counts the background for the R-CNNs, as torchvision does.
 
     ``proposals_train``/``proposals_test`` (RPN proposals kept per image) and ``rois_per_image`` (RoIs sampled per
     image for the box head) default to torchvision's COCO values; the 4-conv box head runs on every RoI, so small
-    images with few objects train several times faster with fewer.
+    images with few objects train several times faster with fewer. ``image_mean``/``image_std`` normalise the input
+    (None: torchvision's ImageNet values); fine-tune with the normalisation the weights were pretrained with.
+    ``fpn_channels`` is the width of the FPN, RPN and box head (the pretraining's ``neck.out_channels``).
+    Every backbone stage is trainable, and BatchNorm everywhere normalises with batch statistics in training.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is invalid: use one of {ARCHITECTURES}")
     if backbone not in DEPTHS:
         raise ValueError(f"backbone={backbone!r} is invalid for detection: use one of {tuple(DEPTHS)}")
     make_resnet, c5_channels = DEPTHS[backbone]
-    sizes = {"min_size": min_size, "max_size": max_size}
+    sizes = {"min_size": min_size, "max_size": max_size, "image_mean": image_mean, "image_std": image_std}
+    width = fpn_channels
     if arch == "retinanet_v2":
-        body = _resnet_fpn_extractor(
-            make_resnet(), 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(c5_channels, 256)
-        )
+        body = resnet_fpn(make_resnet(), [2, 3, 4], width, LastLevelP6P7(c5_channels, width), norm_layer=None)
         anchors = anchor_generator(anchor_base_size, octaves=3)
         head = RetinaNetHead(
-            256, anchors.num_anchors_per_location()[0], num_classes, norm_layer=partial(nn.GroupNorm, 32)
+            width, anchors.num_anchors_per_location()[0], num_classes, norm_layer=partial(nn.GroupNorm, 32)
         )
         head.regression_head._loss_type = "giou"
         return RetinaNet(body, num_classes, anchor_generator=anchors, head=head, **sizes)
-    body = _resnet_fpn_extractor(make_resnet(), 5, norm_layer=nn.BatchNorm2d)
+    body = resnet_fpn(make_resnet(), [1, 2, 3, 4], width, None, norm_layer=nn.BatchNorm2d)
     anchors = anchor_generator(anchor_base_size, octaves=1)
     detector = MaskRCNN if arch == "maskrcnn_v2" else FasterRCNN
     return detector(
         body,
         num_classes=num_classes,
         rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(256, anchors.num_anchors_per_location()[0], conv_depth=2),
-        box_head=FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
+        rpn_head=RPNHead(width, anchors.num_anchors_per_location()[0], conv_depth=2),
+        box_head=FastRCNNConvFCHead((width, 7, 7), [width] * 4, [1024], norm_layer=nn.BatchNorm2d),
         rpn_post_nms_top_n_train=proposals_train,
         rpn_post_nms_top_n_test=proposals_test,
         box_batch_size_per_image=rois_per_image,
