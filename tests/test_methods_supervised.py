@@ -85,3 +85,35 @@ def test_labels_outside_the_classifier_are_rejected():
 def test_bad_configuration_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         small_supervised(**kwargs)
+
+
+def test_plain_supervised_classifies_pooled_c5_of_one_view():
+    """classifier_input=pooled_c5: logits are the linear classifier of the backbone's pooled C5, nothing else."""
+    model = small_supervised(levels=1, classifier_input="pooled_c5").eval()
+    assert model.neck is None and model.head is None
+    assert not any(name.startswith(("neck.", "head.")) for name in model.state_dict())
+    views = torch.randn(8, 1, 3, 64, 64)
+    labels = torch.arange(8) % 10
+    with torch.no_grad():
+        total, logs = model.forward_losses(views, labels)
+        expected = F.cross_entropy(model.classifier(model.backbone.forward_pooled(views[:, 0])), labels)
+    assert total.item() == pytest.approx(0.5 * expected.item(), rel=1e-5)  # level weight of level 0: 1/2
+    assert logs["loss_level0"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_plain_supervised_learns_and_needs_one_level():
+    model = small_supervised(levels=1, classifier_input="pooled_c5")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    views, labels = torch.randn(16, 1, 3, 64, 64), torch.arange(16) % 4
+    losses = []
+    for _ in range(10):
+        loss, _ = model.forward_losses(views, labels)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="classifier_input='pooled_c5' .* levels=3: set levels=1"):
+        small_supervised(levels=3, classifier_input="pooled_c5")
+    with pytest.raises(ValueError, match="classifier_input='c5' is invalid"):
+        small_supervised(levels=1, classifier_input="c5")

@@ -3,6 +3,9 @@
 S augmented views of each labelled image; view s is shrunk by ``2**s`` and tiled into level-s montages, the labels
 are assembled in the same cell order, and the shared pyramid + tile head + a linear classifier give one logit vector
 per cell. Loss = sum over levels of ``w_s * cross_entropy``. It shares montages, pyramid and head with :class:`MCL`.
+
+``classifier_input="pooled_c5"`` with ``levels=1`` is plain supervised pretraining instead: one view per image and a
+linear classifier on the globally pooled C5, with no pyramid or tile head (the transfer benchmark's control).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from torch import nn
 
 from mcl.methods.base import MultiLevelModule, level_cells
 from mcl.montage import assemble_montage
+
+# What the classifier reads: every montage cell's tile-head feature, or the pooled C5 of whole views (levels=1).
+CLASSIFIER_INPUTS = ("tiles", "pooled_c5")
 
 
 def assemble_labels(labels: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
@@ -29,14 +35,35 @@ class SupervisedMultiLevel(MultiLevelModule):
     ``labels`` ``(B,)`` in ``0..num_classes-1``. Keyword arguments not listed here go to :class:`MultiLevelModule`.
     """
 
-    def __init__(self, *args: Any, num_classes: int = 10, label_smoothing: float = 0.0, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        num_classes: int = 10,
+        label_smoothing: float = 0.0,
+        classifier_input: str = "tiles",
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["optimizer"])
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} is invalid: a classifier needs at least 2 classes")
+        if classifier_input not in CLASSIFIER_INPUTS:
+            raise ValueError(f"classifier_input={classifier_input!r} is invalid: use one of {CLASSIFIER_INPUTS}")
+        if classifier_input == "pooled_c5" and self.levels != 1:
+            raise ValueError(
+                f"classifier_input='pooled_c5' is plain single-view supervised training, but levels={self.levels}: "
+                "set levels=1, or classifier_input=tiles for the multi-level method"
+            )
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
-        self.classifier = nn.Linear(self.neck.out_channels, num_classes)
+        self.classifier_input = classifier_input
+        if classifier_input == "pooled_c5":
+            # No pyramid or tile head: nothing but the backbone is trained, exported or transferred.
+            self.neck = None
+            self.head = None
+            self.classifier = nn.Linear(self.backbone.channels[-1], num_classes)
+        else:
+            self.classifier = nn.Linear(self.neck.out_channels, num_classes)
 
     def check_labels(self, labels: torch.Tensor) -> None:
         low, high = int(labels.min()), int(labels.max())
@@ -51,6 +78,9 @@ class SupervisedMultiLevel(MultiLevelModule):
         self, montages: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per level, ``(logits (cells, num_classes), cell labels (cells,))`` for ``(montages, sources)`` pairs."""
+        if self.classifier_input == "pooled_c5":
+            ((images, sources),) = montages
+            return [(self.classifier(self.backbone.forward_pooled(images)), assemble_labels(labels, sources).flatten())]
         images = [level_images for level_images, _ in montages]
         features = level_cells(images, self.backbone, self.neck, self.head, head_per_level=False)
         return [
