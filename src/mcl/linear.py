@@ -88,6 +88,48 @@ class LinearProbe(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+@torch.no_grad()
+def pooled_features(backbone: Backbone, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (N, C5), labels (N,))``: the frozen backbone's pooled C5 of every ``(images, labels)`` batch."""
+    backbone.eval()
+    features, labels = [], []
+    for images, targets in loader:
+        features.append(backbone.forward_pooled(images).float())
+        labels.append(targets)
+    return torch.cat(features), torch.cat(labels)
+
+
+def feature_probe_top1(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    weight_decay: float = 1e-4,
+    iterations: int = 200,
+) -> float:
+    """Micro top-1 (in %) of a multinomial logistic regression fitted on fixed features (L-BFGS, L2 penalty).
+
+    The cheap linear probe of benchmarks and notebooks: features are computed once, without augmentation, and
+    standardised with the training set's mean and std. ``mcl-linear`` is the augmented SGD protocol of papers.
+    """
+    (train_x, train_y), (test_x, test_y) = train, test
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    num_classes = int(torch.cat([train_y, test_y]).max()) + 1
+    classifier = nn.Linear(train_x.shape[1], num_classes)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(classifier(train_x), train_y) + weight_decay * classifier.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return 100.0 * (classifier(test_x).argmax(1) == test_y).float().mean().item()
+
+
 def linear_eval(cfg: DictConfig) -> dict[str, float]:
     """Train and test the linear probe; returns ``val/top1`` and ``val/top5`` (in %)."""
     pl.seed_everything(cfg.seed, workers=True)

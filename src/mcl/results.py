@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,6 +23,31 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mcl.train import METRICS_FILE
 
 DEFAULT_METRICS = ("init/knn_top1", "val/knn_top1", "val/acc", "val/top1", "val/AP", "train/loss")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for a single value) of repeated measurements."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def compare_means(values: Sequence[float], baseline: Sequence[float]) -> dict[str, float | str]:
+    """Gap between the means of two sets of seeds and twice its standard error, with a verdict.
+
+    ``two_se`` is ``2 * sqrt(s1²/n1 + s0²/n0)``; the verdict is ``better`` or ``worse`` only when the gap exceeds
+    it, else ``within noise``. With one value on either side there is no spread to measure: always ``within noise``.
+    """
+    (m1, s1), (m0, s0) = mean_std(values), mean_std(baseline)
+    two_se = 2 * math.sqrt(s1**2 / len(values) + s0**2 / len(baseline))
+    if len(values) < 2 or len(baseline) < 2:
+        verdict = "within noise"
+    else:
+        verdict = "better" if m1 - m0 > two_se else "worse" if m0 - m1 > two_se else "within noise"
+    return {"gap": m1 - m0, "two_se": two_se, "verdict": verdict}
 
 
 def parse_value(text: str) -> Any:
