@@ -16,7 +16,7 @@ help:
 	@echo "make lint    ruff check"
 	@echo "make bench   FLOPs and step-time ratios of levels 1..4 -> benchmarks/results/cost.json"
 	@echo "make faults  kill, rerun and concurrent-run cases against mcl-train -> benchmarks/results/faults.md"
-	@echo "make transfer pretrain (MCL 3 levels, 1 level, none) and fine-tune Faster R-CNN on canvases (< 60 min)"
+	@echo "make transfer transfer benchmark: 4 rows x Faster R-CNN fine-tuning, lr grid + 3 seeds each (< 90 min); ARGS=--full"
 	@echo "make clean   remove the venv, outputs and caches"
 
 venv: $(STAMP)

@@ -1,32 +1,123 @@
-"""Transfer benchmark (``make transfer``): does a pretext task help dense prediction, on a CPU, in under an hour?
+"""Transfer benchmark (``make transfer``): does pretraining help detection on Fashion-MNIST canvases, beyond noise?
 
-Rows: MCL with 3 levels, the same with levels=1 (the single-level baseline), and no pretraining. Each pretraining
-runs the same recipe and number of steps on Fashion-MNIST; each row then fine-tunes the same Faster R-CNN
-R18-FPN v2 for the same number of steps on the Fashion-MNIST canvas detection set (objects pasted at widely varying
-scales). Writes ``benchmarks/results/transfer.md`` (AP table), ``transfer.json``, the AP-by-IoU plot (the paper's
-Fig. 6) and the canvas set's scale-spread plot (Fig. 5).
+Every row pretrains a ResNet-18 on the same Fashion-MNIST images for the same number of epochs (or not at all),
+is measured frozen (kNN and linear-probe top-1), and then fine-tunes the same Faster R-CNN R18-FPN v2 on canvases
+of Fashion-MNIST items pasted at widely varying scales, under one protocol:
+
+- every stage trainable, BatchNorm everywhere (backbone, FPN, box head) trained with batch statistics, as the
+  SyncBN detection configs of the SSL literature do; the input normalised as in pretraining;
+- a learning rate chosen per row from a grid, by AP on a held-out part of the training canvases (never on the
+  validation canvases), with fine-tuning seed 0;
+- then ``--seeds`` fine-tunings at that rate on all training canvases, evaluated on the validation canvases, with
+  AP on COCO's scale ranges and on the objects' own area thirds (``APs3``/``APm3``/``APl3``).
+
+A row is called better than random initialisation only when its mean AP exceeds it by more than twice the combined
+standard error of the two means. Every finished run is cached under ``benchmarks/runs`` by its settings, so an
+interrupted benchmark resumes where it stopped. Writes ``benchmarks/results/transfer{,_full,_large}.md`` and
+``.json`` and the AP-by-IoU plot with seed spread (the paper's Fig. 6 on this data).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from mcl.detection.analysis import plot_ap_by_iou, plot_scale_spread
+from mcl.backbones import Backbone
+from mcl.data import FashionMNISTDataModule
+from mcl.detection.analysis import plot_ap_by_iou_seeds, plot_scale_spread
+from mcl.detection.coco import split_annotations
 from mcl.detection.fashion_canvas import CanvasSpec, build_fashion_canvas, object_scale_spread
 from mcl.detection.finetune import finetune
+from mcl.export import backbone_state, load_pretraining_checkpoint
+from mcl.knn import knn_top1
+from mcl.linear import feature_probe_top1, pooled_features
+from mcl.results import compare_means, mean_std
 from mcl.train import CONFIG_DIR, train
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
-RUNS = ROOT / "runs"
-ROWS = {"MCL, 3 levels": ["levels=3"], "MCL, 1 level": ["levels=1"], "no pretraining": None}
-STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+FMNIST_MEAN, FMNIST_STD = [0.286] * 3, [0.353] * 3
+BASELINE = "random init"
+ROI_LEVELS = {
+    "torchvision": "torchvision's level rule (a 224 px RoI on P4, so every object here on P2)",
+    "pretraining": "the pretraining's scales (a view-sized RoI on P5, half that on P4, ...)",
+}
+# name -> mcl-train overrides (None: no pretraining).
+ROWS: dict[str, list[str] | None] = {
+    BASELINE: None,
+    "supervised": ["method=supervised", "levels=1", "method.classifier_input=pooled_c5"],
+    "supervised multi-level": ["method=supervised", "levels=3"],
+    "MCL, 1 level": ["levels=1"],
+    "MCL, 3 levels": ["levels=3"],
+    "MCL, 3 levels, same-level": ["levels=3", "method.target_assignment=same-level"],
+}
+DEFAULT_ROWS = (BASELINE, "supervised", "MCL, 1 level", "MCL, 3 levels")
+SETTINGS = {
+    # The default: every required row, 3 fine-tuning seeds, within 90 minutes on 2 CPU cores. Pretraining at 32 px
+    # (Fashion-MNIST is 28 px) and a 64-channel FPN/box head keep it there; objects on the 96 px canvases span
+    # 8..72 px, the scales that the 32 px views and their 16 and 8 px montage cells cover.
+    "default": dict(
+        rows=DEFAULT_ROWS, probe_images=(5000, 2000), pretrain_seeds=1, pretrain_epochs=3, pretrain_images=5760,
+        image_size=32, width=64,
+        train_canvases=360, heldout_fraction=0.2, val_canvases=300, canvas=96, finetune_epochs=4,
+        lrs=(0.02, 0.05), seeds=3, batch_size=4, rois=32, accelerator="cpu", workers=0,
+    ),
+    # Every row, a second pretraining seed for the MCL rows: the reference table (about 3 hours on 2 CPU cores).
+    "full": dict(
+        rows=tuple(ROWS), probe_images=(5000, 2000), pretrain_seeds=2, pretrain_epochs=3, pretrain_images=5760,
+        image_size=32, width=64,
+        train_canvases=360, heldout_fraction=0.2, val_canvases=300, canvas=96, finetune_epochs=4,
+        lrs=(0.02, 0.05), seeds=3, batch_size=4, rois=32, accelerator="cpu", workers=0,
+    ),
+    # One GPU in about 10 minutes (an estimate: not yet run): all 60k Fashion-MNIST images for 4 epochs at batch 256
+    # and 64 px, the library's 256-channel FPN, 1,200 canvases of 128 px, the default rows.
+    "large": dict(
+        rows=DEFAULT_ROWS, probe_images=(10000, 10000), pretrain_seeds=1, pretrain_epochs=4, pretrain_images=60000,
+        image_size=64, width=256, pretrain_overrides=("batch_size=256", "data.num_workers=8"),
+        train_canvases=1200, heldout_fraction=0.2, val_canvases=600, canvas=128, finetune_epochs=4,
+        lrs=(0.02, 0.05), seeds=3, batch_size=16, rois=64, accelerator="gpu", workers=6,
+    ),
+    # A smoke test of the whole pipeline (the test suite runs it).
+    "quick": dict(
+        rows=(BASELINE, "supervised", "MCL, 3 levels"), probe_images=(500, 200), pretrain_seeds=1, pretrain_epochs=1,
+        pretrain_images=128,
+        image_size=32, width=32, train_canvases=10, heldout_fraction=0.2, val_canvases=6, canvas=64,
+        finetune_epochs=1, lrs=(0.02, 0.05), seeds=2, batch_size=2, rois=16, accelerator="cpu", workers=0,
+    ),
+}  # fmt: skip
+
+
+def key(settings: dict[str, Any]) -> str:
+    """A short stable hash of a run's settings: its cache folder's suffix."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def slug(name: str) -> str:
+    return name.replace(", ", "_").replace(" ", "_").replace("-", "_")
+
+
+def cached(folder: Path, settings: dict[str, Any], run) -> dict[str, Any]:
+    """``run()``'s result, stored in ``folder/result.json`` with ``settings`` and reused when they match."""
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        stored = json.loads(result_file.read_text())
+        if stored.get("settings") == json.loads(json.dumps(settings, default=str)):
+            return stored["result"]
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = {**run(), "seconds": time.perf_counter() - started}
+    temporary = result_file.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"settings": settings, "result": result}, indent=1, default=str))
+    temporary.replace(result_file)
+    return result
 
 
 def composed(config: str, overrides: list[str], output_dir: Path):
@@ -37,82 +128,336 @@ def composed(config: str, overrides: list[str], output_dir: Path):
     return cfg
 
 
-def pretrain(name: str, overrides: list[str], args: argparse.Namespace) -> tuple[Path, dict]:
-    output = RUNS / name.replace(", ", "_").replace(" ", "_")
-    common = [
-        f"trainer.max_epochs={args.pretrain_epochs}", f"data.train_size={args.pretrain_images}",
-        "trainer.enable_progress_bar=false", "validate_at_init=false",
-    ]  # fmt: skip
-    started = time.perf_counter()
-    metrics = train(composed("train", [*common, *overrides], output))
-    return output / "checkpoints" / "last.ckpt", {"pretrain_s": time.perf_counter() - started, **metrics}
-
-
-def fine_tune(name: str, checkpoint: Path | None, data: Path, args: argparse.Namespace) -> dict:
-    output = RUNS / f"finetune_{name.replace(', ', '_').replace(' ', '_')}"
+def pretrain(row: str, seed: int, s: dict[str, Any]) -> dict[str, Any]:
+    """Pretrain one row with one seed; returns the checkpoint path, final kNN top-1 and time."""
+    names = ("pretrain_epochs", "pretrain_images", "image_size", "width")
+    settings = {"row": ROWS[row], "seed": seed, **{k: s[k] for k in names}}
+    settings["accelerator"] = s["accelerator"]
+    if s.get("pretrain_overrides"):
+        settings["overrides"] = list(s["pretrain_overrides"])
+    folder = s["runs"] / f"pretrain_{slug(row)}_seed{seed}_{key(settings)}"
     overrides = [
-        f"data.root={data}", f"schedule.max_epochs={args.finetune_epochs}", "schedule.warmup_steps=50",
-        f"model.min_size={args.canvas}", f"model.max_size={args.canvas}", "trainer.enable_progress_bar=false",
-        f"+trainer.check_val_every_n_epoch={args.finetune_epochs}",
-        f"model.pretrained={checkpoint}" if checkpoint else "model.pretrained=null",
+        *ROWS[row], f"seed={seed}", f"trainer.max_epochs={s['pretrain_epochs']}",
+        f"data.train_size={s['pretrain_images']}", f"image_size={s['image_size']}",
+        f"neck.out_channels={s['width']}",
+        f"trainer.accelerator={s['accelerator']}", "trainer.enable_progress_bar=false", "validate_at_init=false",
+        "logger=csv", *s.get("pretrain_overrides", ()),
     ]  # fmt: skip
-    started = time.perf_counter()
-    metrics = finetune(composed("finetune", overrides, output))
-    return {"finetune_s": time.perf_counter() - started, **metrics}
+
+    def run() -> dict[str, Any]:
+        metrics = train(composed("train", overrides, folder / "run"))
+        return {"checkpoint": str(folder / "run" / "checkpoints" / "last.ckpt"), "metrics": metrics}
+
+    return cached(folder, settings, run)
 
 
-def markdown(rows: dict[str, dict], args: argparse.Namespace, spread: dict) -> str:
+def frozen_backbone(checkpoint: str | None, image_size: int, seed: int) -> Backbone:
+    """The pretrained backbone of a checkpoint, or a randomly initialised one (seeded) when there is none."""
+    torch.manual_seed(seed)
+    backbone = Backbone("resnet18", image_size=image_size)
+    if checkpoint:
+        state, _ = load_pretraining_checkpoint(checkpoint)
+        backbone.model.load_state_dict(backbone_state(state))
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    return backbone.eval()
+
+
+def flat_pixels(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*((x.flatten(1), y) for x, y in loader), strict=True)
+    return torch.cat(images), torch.cat(labels)
+
+
+def probe(row: str, seed: int, checkpoint: str | None, s: dict[str, Any], pixels: bool = False) -> dict[str, float]:
+    """kNN (k=200, as the training monitor) and linear-probe top-1 of the frozen backbone on Fashion-MNIST test
+    images, with a bank / probe training set of Fashion-MNIST training images (``probe_images``: their counts).
+    ``pixels=True`` probes the normalised pixels themselves: the reference a useful backbone should pass."""
+    settings = {"row": row, "seed": seed, "checkpoint": checkpoint, **{k: s[k] for k in ("image_size", "probe_images")}}
+    if pixels:
+        settings["features"] = "pixels"
+    folder = s["runs"] / f"probe_{slug(row)}_seed{seed}_{key(settings)}"
+
+    def run() -> dict[str, float]:
+        data = FashionMNISTDataModule(
+            image_size=s["image_size"], batch_size=256, views_per_side=1, view_mode="supervised",
+            train_size=None, bank_size=s["probe_images"][0], val_size=s["probe_images"][1], num_workers=s["workers"],
+            mean=FMNIST_MEAN, std=FMNIST_STD, seed=0,
+        )  # fmt: skip
+        data.setup("fit")
+        bank_loader, val_loader = data.val_dataloader()
+        if pixels:
+            bank, test = flat_pixels(bank_loader), flat_pixels(val_loader)
+        else:
+            backbone = frozen_backbone(checkpoint, s["image_size"], seed)
+            bank, test = pooled_features(backbone, bank_loader), pooled_features(backbone, val_loader)
+        return {"knn_top1": knn_top1(test[0], test[1], bank[0], bank[1]), "linear_top1": feature_probe_top1(bank, test)}
+
+    return cached(folder, settings, run)
+
+
+def fine_tune(
+    row: str, checkpoint: str | None, lr: float, seed: int, split: str, data: dict[str, Path], s: dict[str, Any]
+) -> dict[str, Any]:
+    """One fine-tuning: ``split="heldout"`` trains on the fit part and evaluates on the held-out part of the training
+    canvases (learning-rate choice); ``split="val"`` trains on all training canvases and evaluates on validation."""
+    train_annotations, val_images, val_annotations = {
+        "heldout": (data["fit"], data["train_images"], data["heldout"]),
+        "val": (data["train"], data["val_images"], data["val"]),
+    }[split]
+    names = ("canvas", "finetune_epochs", "batch_size", "rois", "width", "accelerator")
+    names += ("train_canvases", "val_canvases")
+    settings = {"row": row, "checkpoint": checkpoint, "lr": lr, "seed": seed, "split": split}
+    settings.update({k: s[k] for k in names})
+    roi_levels = []
+    if s.get("roi_levels", "torchvision") == "pretraining":
+        settings["roi_levels"] = "pretraining"
+        roi_levels = [f"model.roi_canonical_scale={s['image_size']}", "model.roi_canonical_level=5"]
+    folder = s["runs"] / f"finetune_{slug(row)}_{split}_lr{lr:g}_seed{seed}_{key(settings)}"
+    overrides = [
+        f"seed={seed}", f"data.root={data['root']}", f"data.train_annotations={train_annotations}",
+        f"data.val_images={val_images}", f"data.val_annotations={val_annotations}",
+        f"data.batch_size={s['batch_size']}", f"data.num_workers={s['workers']}",
+        f"schedule.max_epochs={s['finetune_epochs']}", "schedule.warmup_steps=50", f"optimizer.lr={lr}",
+        f"model.min_size={s['canvas']}", f"model.max_size={s['canvas']}", f"model.rois_per_image={s['rois']}",
+        f"model.fpn_channels={s['width']}",
+        "model.proposals_train=200", "model.proposals_test=50",
+        f"model.image_mean={FMNIST_MEAN}", f"model.image_std={FMNIST_STD}",
+        f"model.pretrained={checkpoint}" if checkpoint else "model.pretrained=null",
+        f"trainer.accelerator={s['accelerator']}", "trainer.enable_progress_bar=false",
+        f"+trainer.check_val_every_n_epoch={s['finetune_epochs']}", "trainer.num_sanity_val_steps=0",
+        "~callbacks.checkpoint", "~callbacks.last", "logger=csv", *roi_levels,
+    ]  # fmt: skip
+    return cached(folder, settings, lambda: finetune(composed("finetune", overrides, folder / "run")))
+
+
+def run_row(row: str, data: dict[str, Path], s: dict[str, Any], log) -> dict[str, Any]:
+    result: dict[str, Any] = {"pretrainings": []}
+    pretrain_seeds = s["pretrain_seeds"] if ROWS[row] and row.startswith("MCL") else 1
+    for pretrain_seed in range(pretrain_seeds):
+        pretrained = pretrain(row, pretrain_seed, s) if ROWS[row] else None
+        checkpoint = pretrained["checkpoint"] if pretrained else None
+        frozen = probe(row, pretrain_seed, checkpoint, s)
+        # One learning rate: nothing to choose, no held-out runs.
+        lrs = s["lrs"] if len(s["lrs"]) > 1 else ()
+        grid = {lr: fine_tune(row, checkpoint, lr, 0, "heldout", data, s) for lr in lrs}
+        best_lr = max(grid, key=lambda lr: grid[lr]["val/AP"]) if grid else s["lrs"][0]
+        runs = [fine_tune(row, checkpoint, best_lr, seed, "val", data, s) for seed in range(s["seeds"])]
+        result["pretrainings"].append(
+            {
+                "seed": pretrain_seed,
+                "pretrain_s": pretrained["seconds"] if pretrained else 0.0,
+                "pretrain_metrics": pretrained["metrics"] if pretrained else {},
+                **frozen,
+                "heldout_ap_by_lr": {f"{lr:g}": grid[lr]["val/AP"] for lr in grid},
+                "lr": best_lr,
+                "grid_s": sum(g["seconds"] for g in grid.values()),
+                "runs": runs,
+            }
+        )
+        aps = ", ".join(f"{r['val/AP']:.2f}" for r in runs)
+        log(f"{row} (pretraining seed {pretrain_seed}): lr {best_lr:g}, AP {aps}")
+    return result
+
+
+def seed_values(result: dict[str, Any], stat: str, pretraining: int | None = 0) -> list[float]:
+    chosen = result["pretrainings"] if pretraining is None else result["pretrainings"][pretraining : pretraining + 1]
+    return [run[f"val/{stat}"] for p in chosen for run in p["runs"]]
+
+
+def run_minutes(results: dict[str, dict], pixels: dict) -> float:
+    """Minutes that every pretraining, probe and fine-tuning took when it ran (cached runs included)."""
+    seconds = pixels["seconds"]
+    for result in results.values():
+        for p in result["pretrainings"]:
+            seconds += p["pretrain_s"] + p["seconds"] + p["grid_s"] + sum(run["seconds"] for run in p["runs"])
+    return seconds / 60
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name()}"
+    return f"{os.cpu_count()} CPU cores"
+
+
+def markdown(
+    results: dict[str, dict], s: dict[str, Any], name: str, spread: dict, ranges, minutes: float, pixels: dict
+) -> str:
+    baseline = seed_values(results[BASELINE], "AP")
+    pm = lambda values: "{:.1f} ± {:.1f}".format(*mean_std(values))  # noqa: E731
     lines = [
-        "# Transfer benchmark: Fashion-MNIST canvases, Faster R-CNN R18-FPN v2",
+        f"# Transfer benchmark ({name}): Fashion-MNIST canvases, Faster R-CNN R18-FPN v2",
         "",
-        f"Pretraining: {args.pretrain_epochs} epochs x {args.pretrain_images} Fashion-MNIST images (ResNet-18, 64 px, "
-        f"batch 64). Fine-tuning: {args.finetune_epochs} epochs on {args.train_canvases} canvases of {args.canvas} px, "
-        f"evaluated on {args.val_canvases}. Object scale std {spread['std']:.1f} px (mean {spread['mean']:.1f}).",
+        f"Produced by `python benchmarks/transfer.py{'' if name == 'default' else ' --' + name}` "
+        f"on {machine()}: {run_minutes(results, pixels):.0f} min of pretraining, probing and fine-tuning in all "
+        f"(the sum of every run's time; this invocation took {minutes:.0f} min, reusing cached runs). "
+        f"Pretraining: {s['pretrain_epochs']} epochs on "
+        f"{s['pretrain_images']} Fashion-MNIST training images (ResNet-18, {s['image_size']} px, FPN and head "
+        f"{s['width']} channels; otherwise the library's CPU recipe: batch 64, LARS for MCL, SGD for supervised; "
+        f"extra overrides: {list(s.get('pretrain_overrides', [])) or 'none'}). "
+        f"Fine-tuning: {s['finetune_epochs']} epochs, batch {s['batch_size']}, on {s['train_canvases']} canvases of "
+        f"{s['canvas']} px (items of Fashion-MNIST's training split), RoIs pooled by "
+        f"{ROI_LEVELS[s.get('roi_levels', 'torchvision')]}, SGD with "
+        + (
+            f"the lr picked per row from {list(s['lrs'])} by AP on a held-out {s['heldout_fraction']:.0%} of the "
+            "training canvases (seed 0), then "
+            if len(s["lrs"]) > 1
+            else f"lr {s['lrs'][0]:g} for every row, "
+        )
+        + f"{s['seeds']} fine-tuning seeds at that lr on all training canvases, evaluated on {s['val_canvases']} "
+        f"validation canvases (items of Fashion-MNIST's test split). Object scale sqrt(area): mean "
+        f"{spread['mean']:.1f} px, std {spread['std']:.1f} px; area thirds (APs3/APm3/APl3) split at "
+        f"{ranges[0][1]:.0f} and {ranges[1][1]:.0f} px².",
         "",
-        "| pretraining | kNN top-1 | " + " | ".join(STATS) + " | pretrain min | fine-tune min |",
-        "| --- | ---: | " + " | ".join("---:" for _ in STATS) + " | ---: | ---: |",
+        "AP is mean ± std over fine-tuning seeds; *vs random init* is the gap of the means with twice its combined "
+        "standard error, and a row is called better or worse only when the gap exceeds it. Fine-tune minutes count "
+        "the learning-rate grid and the seeds. kNN and linear top-1: frozen pooled C5 on "
+        f"{s['probe_images'][1]} Fashion-MNIST test images ({s['probe_images'][0]} training images as bank and probe "
+        f"training set); the normalised pixels themselves give {pixels['knn_top1']:.1f} and "
+        f"{pixels['linear_top1']:.1f}.",
+        "",
+        "| pretraining | kNN top-1 | linear top-1 | lr | AP | AP per seed | AP50 | AP75 | vs random init "
+        "| pretrain min | fine-tune min |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
-    for name, row in rows.items():
-        knn = f"{row['val/knn_top1']:.1f}" if "val/knn_top1" in row else "-"
-        aps = " | ".join(f"{row[f'val/{s}']:.1f}" for s in STATS)
-        pre = f"{row['pretrain_s'] / 60:.1f}" if "pretrain_s" in row else "-"
-        lines.append(f"| {name} | {knn} | {aps} | {pre} | {row['finetune_s'] / 60:.1f} |")
+    for row, result in results.items():
+        first = result["pretrainings"][0]
+        versus = "-"
+        if row != BASELINE:
+            c = compare_means(seed_values(result, "AP"), baseline)
+            versus = f"{c['gap']:+.1f} ± {c['two_se']:.1f}: {c['verdict']}"
+        tune_min = (first["grid_s"] + sum(r["seconds"] for r in first["runs"])) / 60
+        seeds = " / ".join(f"{ap:.1f}" for ap in seed_values(result, "AP"))
+        pre = f"{first['pretrain_s'] / 60:.1f}" if row != BASELINE else "-"
+        lines.append(
+            f"| {row} | {first['knn_top1']:.1f} | {first['linear_top1']:.1f} | {first['lr']:g} | "
+            f"{pm(seed_values(result, 'AP'))} | {seeds} | {pm(seed_values(result, 'AP50'))} | "
+            f"{pm(seed_values(result, 'AP75'))} | {versus} | {pre} | {tune_min:.1f} |"
+        )
+    scales = ("APs3", "APm3", "APl3", "APs", "APm", "APl")
+    lines += [
+        "",
+        "By object size: the objects' own area thirds (APs3/APm3/APl3) and COCO's 32²/96² ranges (APs/APm/APl):",
+        "",
+        "| pretraining | " + " | ".join(scales) + " |",
+        "| --- | " + " | ".join("---:" for _ in scales) + " |",
+    ]
+    for row, result in results.items():
+        lines.append(f"| {row} | " + " | ".join(pm(seed_values(result, stat)) for stat in scales) + " |")
+    extra = [(row, r) for row, r in results.items() if len(r["pretrainings"]) > 1]
+    if extra:
+        lines += ["", "Second pretraining seed (same protocol, its own lr choice):", ""]
+        lines += ["| pretraining | seed | kNN top-1 | linear top-1 | lr | AP | AP, both pretraining seeds |"]
+        lines += ["| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for row, result in extra:
+            for index, p in enumerate(result["pretrainings"][1:], start=1):
+                lines.append(
+                    f"| {row} | {p['seed']} | {p['knn_top1']:.1f} | {p['linear_top1']:.1f} | {p['lr']:g} | "
+                    f"{pm(seed_values(result, 'AP', index))} | {pm(seed_values(result, 'AP', None))} |"
+                )
+    if len(s["lrs"]) > 1:
+        lines += [
+            "",
+            "Held-out AP (fine-tuning seed 0) for each learning rate of the grid:",
+            "",
+            "| pretraining | " + " | ".join(f"lr {lr:g}" for lr in s["lrs"]) + " |",
+            "| --- | " + " | ".join("---:" for _ in s["lrs"]) + " |",
+        ]
+        for row, result in results.items():
+            by_lr = result["pretrainings"][0]["heldout_ap_by_lr"]
+            lines.append(f"| {row} | " + " | ".join(f"{by_lr[f'{lr:g}']:.1f}" for lr in s["lrs"]) + " |")
+    parts = list(results[BASELINE]["pretrainings"][0]["runs"][0]["weights"])
+    lines += [
+        "",
+        "Weights (fine-tuning seed 0): norm of the conv/linear weights of each part when fine-tuning starts, as a "
+        "multiple of the random initialisation's, and in brackets how far fine-tuning moved them "
+        "(`||w_end - w_start|| / ||w_start||`, in %). A conv followed by BatchNorm is scale-invariant: its effective "
+        "step is lr / ||w||², so weights k times larger move k² times less for the same lr.",
+        "",
+        "| pretraining | " + " | ".join(parts) + " |",
+        "| --- | " + " | ".join("---:" for _ in parts) + " |",
+    ]
+    reference = results[BASELINE]["pretrainings"][0]["runs"][0]["weights"]
+    for row, result in results.items():
+        weights = result["pretrainings"][0]["runs"][0]["weights"]
+        cells = [
+            f"{weights[p]['norm_start'] / reference[p]['norm_start']:.2f} ({100 * weights[p]['relative_move']:.1f})"
+            for p in parts
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the whole pipeline")
-    parser.add_argument("--pretrain-epochs", type=int, default=2)
-    parser.add_argument("--pretrain-images", type=int, default=5760)
-    parser.add_argument("--finetune-epochs", type=int, default=4)
-    parser.add_argument("--train-canvases", type=int, default=320)
-    parser.add_argument("--val-canvases", type=int, default=80)
-    parser.add_argument("--canvas", type=int, default=128)
+    group = parser.add_mutually_exclusive_group()
+    for name in ("quick", "full", "large"):
+        group.add_argument(f"--{name}", action="store_true", help=f"the {name!r} settings (see SETTINGS)")
+    parser.add_argument("--seeds", type=int, help="fine-tuning seeds per row (default: the settings')")
+    parser.add_argument("--rows", help="comma-separated rows instead of the settings' (random init is always run)")
+    parser.add_argument("--lrs", help="comma-separated learning-rate grid instead of the settings' (one: no grid)")
+    parser.add_argument(
+        "--roi-levels", choices=("torchvision", "pretraining"), default="torchvision",
+        help="RoI-to-level mapping: torchvision's (224 px on P4) or the pretraining's (view size on P5)",
+    )  # fmt: skip
+    parser.add_argument("--tag", help="results go to transfer_<tag>.md/.json/.png instead of the settings' name")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where runs are cached (benchmarks/runs)")
+    parser.add_argument("--results", type=Path, default=ROOT / "results", help="where tables and plots go")
     args = parser.parse_args()
-    if args.quick:
-        args.pretrain_epochs, args.pretrain_images, args.finetune_epochs = 1, 128, 1
-        args.train_canvases, args.val_canvases = 8, 4
+    name = next((n for n in ("quick", "full", "large") if getattr(args, n)), "default")
+    s = dict(SETTINGS[name])
+    s["runs"] = args.runs
+    if args.seeds:
+        s["seeds"] = args.seeds
+    if args.rows:
+        rows = [row.strip() for row in args.rows.split(",")]
+        unknown = [row for row in rows if row not in ROWS]
+        if unknown:
+            parser.error(f"unknown rows {unknown}: use some of {list(ROWS)}")
+        s["rows"] = tuple(dict.fromkeys([BASELINE, *rows]))
+    if args.lrs:
+        s["lrs"] = tuple(float(lr) for lr in args.lrs.split(","))
+    s["roi_levels"] = args.roi_levels
     started = time.perf_counter()
-    data = RUNS / "fashion_canvas"
-    spec = CanvasSpec(canvas_size=args.canvas, min_side=8, max_side=args.canvas * 3 // 4)
-    paths = build_fashion_canvas(data, args.train_canvases, args.val_canvases, seed=0, spec=spec)
-    rows: dict[str, dict] = {}
-    for name, overrides in ROWS.items():
-        checkpoint, pretrain_metrics = pretrain(name, overrides, args) if overrides else (None, {})
-        rows[name] = {**pretrain_metrics, **fine_tune(name, checkpoint, data, args)}
-        print(f"{name}: AP {rows[name]['val/AP']:.2f} after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    spread = object_scale_spread(paths["train"])
-    table = markdown(rows, args, spread)
-    (RESULTS / f"transfer{suffix}.md").write_text(table)
-    (RESULTS / f"transfer{suffix}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    curves = {name: {float(t): ap for t, ap in row["ap_by_iou"].items()} for name, row in rows.items()}
-    plot_ap_by_iou(curves, "no pretraining", RESULTS / f"transfer_ap_by_iou{suffix}.png")
-    plot_scale_spread({"canvas train": paths["train"]}, RESULTS / f"transfer_scale_spread{suffix}.png")
+    log = lambda message: print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {message}", flush=True)  # noqa: E731
+    canvas_settings = {k: s[k] for k in ("canvas", "train_canvases", "val_canvases", "heldout_fraction")}
+    root = args.runs / f"canvases_{key(canvas_settings)}"
+    spec = CanvasSpec(canvas_size=s["canvas"], min_side=8, max_side=s["canvas"] * 3 // 4)
+    if not (root / "annotations" / "heldout.json").is_file():
+        build_fashion_canvas(root, s["train_canvases"], s["val_canvases"], seed=0, spec=spec)
+        split_annotations(root / "annotations" / "train.json", s["heldout_fraction"], root / "annotations", seed=0)
+    data = {
+        "root": root,
+        "train": root / "annotations" / "train.json",
+        "fit": root / "annotations" / "fit.json",
+        "heldout": root / "annotations" / "heldout.json",
+        "val": root / "annotations" / "val.json",
+        "train_images": root / "train",
+        "val_images": root / "val",
+    }
+    results = {row: run_row(row, data, s, log) for row in s["rows"]}
+    pixels = probe("pixels", 0, None, s, pixels=True)
+    first_run = results[BASELINE]["pretrainings"][0]["runs"][0]
+    spread = object_scale_spread(data["val"])
+    minutes = (time.perf_counter() - started) / 60
+    table = markdown(results, s, name, spread, first_run["area_ranges"], minutes, pixels)
+    if args.tag:
+        name = args.tag
+    suffix = "" if name == "default" else f"_{name}"
+    results_dir = args.results
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"transfer{suffix}.md").write_text(table)
+    settings = {k: v for k, v in s.items() if k != "runs"}
+    summary = {"settings": settings, "minutes": minutes, "run_minutes": run_minutes(results, pixels)}
+    summary.update({"spread": spread, "pixel_probe": pixels, "rows": results})
+    (results_dir / f"transfer{suffix}.json").write_text(json.dumps(summary, indent=1, default=str))
+    curves = {
+        row: [{float(t): ap for t, ap in run["ap_by_iou"].items()} for run in r["pretrainings"][0]["runs"]]
+        for row, r in results.items()
+    }
+    plot_ap_by_iou_seeds(curves, BASELINE, results_dir / f"transfer_ap_by_iou{suffix}.png")
+    plot_scale_spread({"canvas train": data["train"]}, results_dir / f"transfer_scale_spread{suffix}.png")
     print(table)
-    print(f"total {(time.perf_counter() - started) / 60:.1f} min")
+    log("done")
 
 
 if __name__ == "__main__":

@@ -153,3 +153,17 @@ def test_finetune_normalises_with_the_given_mean_and_std_and_reports_weights(can
     assert set(metrics["weights"]) >= {"stem", "res2", "res5", "fpn", "rpn", "box_head", "box_predictor"}
     assert all(part["relative_move"] > 0 for part in metrics["weights"].values())
     assert len(metrics["area_ranges"]) == 3 and {"val/APs3", "val/APm3", "val/APl3"} <= set(metrics)
+
+
+def test_roi_levels_follow_the_canonical_scale_and_level():
+    """torchvision's 224 / 4 sends every RoI under 112 px to P2; 32 / 5 sends 32 px to P5, 16 to P4, 8 to P3."""
+    boxes = [torch.tensor([[0.0, 0.0, side, side]]) for side in (8.0, 16.0, 32.0, 64.0)]
+    features = {str(i): torch.zeros(1, 4, 16 // 2**i, 16 // 2**i) for i in range(4)}  # strides 4..32
+    for (scale, level), expected in (((224, 4), [0, 0, 0, 0]), ((32, 5), [1, 2, 3, 3])):
+        for arch in ("fasterrcnn_v2", "maskrcnn_v2"):
+            levels = {"roi_canonical_scale": scale, "roi_canonical_level": level}
+            detector = build_detector(arch, "resnet18", 11, 64, 64, **levels)
+            pools = [detector.roi_heads.box_roi_pool] + ([detector.roi_heads.mask_roi_pool] * (arch == "maskrcnn_v2"))
+            for pool in pools:
+                pool(features, boxes[:1], [(64, 64)])  # the first call sets up the level mapper
+                assert [int(pool.map_levels([box])) for box in boxes] == expected

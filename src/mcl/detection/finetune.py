@@ -174,6 +174,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         cfg.model.get("image_mean"),
         cfg.model.get("image_std"),
         cfg.model.get("fpn_channels", 256),
+        cfg.model.get("roi_canonical_scale", 224),
+        cfg.model.get("roi_canonical_level", 4),
     )
     if cfg.model.pretrained:
         missing = load_pretrained(detector, cfg.model.arch, cfg.model.pretrained)

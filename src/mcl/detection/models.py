@@ -17,6 +17,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 ARCHITECTURES = ("fasterrcnn_v2", "maskrcnn_v2", "retinanet_v2")
@@ -55,6 +56,8 @@ def build_detector(
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
     fpn_channels: int = 256,
+    roi_canonical_scale: int = 224,
+    roi_canonical_level: int = 4,
 ) -> nn.Module:
     """A randomly initialised detector; ``num_classes`` counts the background for the R-CNNs, as torchvision does.
 
@@ -64,6 +67,10 @@ def build_detector(
     (None: torchvision's ImageNet values); fine-tune with the normalisation the weights were pretrained with.
     ``fpn_channels`` is the width of the FPN, RPN and box head (the pretraining's ``neck.out_channels``).
     Every backbone stage is trainable, and BatchNorm everywhere normalises with batch statistics in training.
+    The R-CNNs pool an RoI of side ``s`` from level ``floor(roi_canonical_level + log2(s / roi_canonical_scale))``
+    (clamped to P2..P5); torchvision's 224 / 4 suits 800-pixel images and sends every object under 112 pixels to P2.
+    ``roi_canonical_scale=<pretraining view size>, roi_canonical_level=5`` pools objects the size of a pretraining
+    view from P5, half that size from P4 and so on: where multi-level pretraining put them.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is invalid: use one of {ARCHITECTURES}")
@@ -82,6 +89,10 @@ def build_detector(
         return RetinaNet(body, num_classes, anchor_generator=anchors, head=head, **sizes)
     body = resnet_fpn(make_resnet(), [1, 2, 3, 4], width, None, norm_layer=nn.BatchNorm2d)
     anchors = anchor_generator(anchor_base_size, octaves=1)
+    levels = {"canonical_scale": roi_canonical_scale, "canonical_level": roi_canonical_level}
+    masks = {}
+    if arch == "maskrcnn_v2":
+        masks["mask_roi_pool"] = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2, **levels)
     detector = MaskRCNN if arch == "maskrcnn_v2" else FasterRCNN
     return detector(
         body,
@@ -89,9 +100,11 @@ def build_detector(
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(width, anchors.num_anchors_per_location()[0], conv_depth=2),
         box_head=FastRCNNConvFCHead((width, 7, 7), [width] * 4, [1024], norm_layer=nn.BatchNorm2d),
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, **levels),
         rpn_post_nms_top_n_train=proposals_train,
         rpn_post_nms_top_n_test=proposals_test,
         box_batch_size_per_image=rois_per_image,
+        **masks,
         **sizes,
     )
 
