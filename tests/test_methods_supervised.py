@@ -55,18 +55,21 @@ def test_loss_equals_the_weighted_cross_entropy_reference():
     assert total.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_a_short_run_lowers_the_loss():
-    model = small_supervised(levels=2)
+def short_run_losses(model, views, labels, steps=10):
+    """Losses of ``steps`` SGD steps on one fixed batch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    views = torch.randn(16, 2, 3, 64, 64)
-    labels = torch.arange(16) % 4
     losses = []
-    for _ in range(10):
+    for _ in range(steps):
         loss, _ = model.forward_losses(views, labels)
         losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return losses
+
+
+def test_a_short_run_lowers_the_loss():
+    losses = short_run_losses(small_supervised(levels=2), torch.randn(16, 2, 3, 64, 64), torch.arange(16) % 4)
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -103,15 +106,7 @@ def test_plain_supervised_classifies_pooled_c5_of_one_view():
 
 def test_plain_supervised_learns_and_needs_one_level():
     model = small_supervised(levels=1, classifier_input="pooled_c5")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    views, labels = torch.randn(16, 1, 3, 64, 64), torch.arange(16) % 4
-    losses = []
-    for _ in range(10):
-        loss, _ = model.forward_losses(views, labels)
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    losses = short_run_losses(model, torch.randn(16, 1, 3, 64, 64), torch.arange(16) % 4)
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(ValueError, match="classifier_input='pooled_c5' .* levels=3: set levels=1"):
         small_supervised(levels=3, classifier_input="pooled_c5")
