@@ -37,9 +37,8 @@ from mcl.detection.analysis import plot_ap_by_iou_seeds, plot_scale_spread
 from mcl.detection.coco import split_annotations
 from mcl.detection.fashion_canvas import CanvasSpec, build_fashion_canvas, object_scale_spread
 from mcl.detection.finetune import finetune
-from mcl.export import backbone_state, load_pretraining_checkpoint
 from mcl.knn import knn_top1
-from mcl.linear import feature_probe_top1, pooled_features
+from mcl.linear import feature_probe_top1, frozen_backbone, pooled_features
 from mcl.results import compare_means, mean_std
 from mcl.train import CONFIG_DIR, train
 
@@ -151,16 +150,12 @@ def pretrain(row: str, seed: int, s: dict[str, Any]) -> dict[str, Any]:
     return cached(folder, settings, run)
 
 
-def frozen_backbone(checkpoint: str | None, image_size: int, seed: int) -> Backbone:
-    """The pretrained backbone of a checkpoint, or a randomly initialised one (seeded) when there is none."""
-    torch.manual_seed(seed)
-    backbone = Backbone("resnet18", image_size=image_size)
+def probed_backbone(checkpoint: str | None, image_size: int, seed: int) -> Backbone:
+    """The frozen backbone of a checkpoint, or a randomly initialised one (seeded) when there is none."""
     if checkpoint:
-        state, _ = load_pretraining_checkpoint(checkpoint)
-        backbone.model.load_state_dict(backbone_state(state))
-    for parameter in backbone.parameters():
-        parameter.requires_grad_(False)
-    return backbone.eval()
+        return frozen_backbone(checkpoint)[0]
+    torch.manual_seed(seed)
+    return Backbone("resnet18", image_size=image_size).requires_grad_(False).eval()
 
 
 def flat_pixels(loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +183,7 @@ def probe(row: str, seed: int, checkpoint: str | None, s: dict[str, Any], pixels
         if pixels:
             bank, test = flat_pixels(bank_loader), flat_pixels(val_loader)
         else:
-            backbone = frozen_backbone(checkpoint, s["image_size"], seed)
+            backbone = probed_backbone(checkpoint, s["image_size"], seed)
             bank, test = pooled_features(backbone, bank_loader), pooled_features(backbone, val_loader)
         return {"knn_top1": knn_top1(test[0], test[1], bank[0], bank[1]), "linear_top1": feature_probe_top1(bank, test)}
 
