@@ -16,7 +16,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from mcl.detection.coco import (
@@ -150,6 +150,13 @@ def weight_report(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) 
     return report
 
 
+# Keys of the ``model`` config passed to build_detector as they are.
+DETECTOR_OPTIONS = (
+    "min_size", "max_size", "anchor_base_size", "proposals_train", "proposals_test", "rois_per_image",
+    "image_mean", "image_std", "fpn_channels", "roi_canonical_scale", "roi_canonical_level",
+)  # fmt: skip
+
+
 def num_classes_of(annotation_file: str) -> int:
     """Category ids are used as labels, so the head needs ``max id + 1`` outputs (0 is the background)."""
     categories = json.loads(Path(annotation_file).read_text())["categories"]
@@ -161,22 +168,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     masks = cfg.model.arch == "maskrcnn_v2"
     num_classes = cfg.model.num_classes or num_classes_of(cfg.data.train_annotations)
-    detector = build_detector(
-        cfg.model.arch,
-        cfg.model.backbone,
-        num_classes,
-        cfg.model.min_size,
-        cfg.model.max_size,
-        cfg.model.anchor_base_size,
-        cfg.model.proposals_train,
-        cfg.model.proposals_test,
-        cfg.model.rois_per_image,
-        cfg.model.get("image_mean"),
-        cfg.model.get("image_std"),
-        cfg.model.get("fpn_channels", 256),
-        cfg.model.get("roi_canonical_scale", 224),
-        cfg.model.get("roi_canonical_level", 4),
-    )
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    options = {key: model[key] for key in DETECTOR_OPTIONS if key in model}
+    detector = build_detector(cfg.model.arch, cfg.model.backbone, num_classes, **options)
     if cfg.model.pretrained:
         missing = load_pretrained(detector, cfg.model.arch, cfg.model.pretrained)
         log.info("loaded %s; %d keys left to the detector: %s", cfg.model.pretrained, len(missing), missing[:8])
