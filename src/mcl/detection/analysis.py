@@ -32,21 +32,7 @@ def ap_by_iou_figure(runs: Mapping[str, Mapping[float, float]], baseline: str) -
 
     A plain :class:`~matplotlib.figure.Figure` (no pyplot state): a notebook shows it, scripts save it.
     """
-    figure = Figure(figsize=(10, 4), layout="tight")
-    left, right = figure.subplots(1, 2)
-    for name, curve in runs.items():
-        left.plot(list(curve), list(curve.values()), marker="o", label=name)
-    gains = ap_gain(runs, baseline)
-    width = 0.04 / max(1, len(gains))  # the bars of all runs share the 0.05 gap between thresholds
-    for index, (name, curve) in enumerate(gains.items()):
-        offset = (index - (len(gains) - 1) / 2) * width
-        right.bar([t + offset for t in curve], list(curve.values()), width=width, label=name)
-    left.set(xlabel="IoU threshold", ylabel="box AP", title="AP by IoU threshold")
-    right.set(xlabel="IoU threshold", ylabel=f"AP gain over {baseline}", title="gain by IoU threshold")
-    right.axhline(0, color="black", linewidth=0.8)
-    for axis in (left, right):
-        axis.legend()
-    return figure
+    return ap_by_iou_seeds_figure({name: [curve] for name, curve in runs.items()}, baseline)
 
 
 def ap_by_iou_seeds_figure(runs: Mapping[str, Sequence[Mapping[float, float]]], baseline: str) -> Figure:
@@ -54,29 +40,36 @@ def ap_by_iou_seeds_figure(runs: Mapping[str, Sequence[Mapping[float, float]]], 
 
     Left: mean AP against the IoU threshold with a band of ± one standard deviation over seeds. Right: the gain of
     each run's mean over the baseline's, with error bars of twice the combined standard error of the two means.
+    With one curve per run there is no spread to draw, and the panels are the plain curves and gains.
     """
     if baseline not in runs:
         raise KeyError(f"baseline {baseline!r} is not among the runs {list(runs)}")
-    stats = {}
+    seeds = any(len(curves) > 1 for curves in runs.values())
+    means, spread = {}, {}
     for name, curves in runs.items():
-        values = np.array([[curve[t] for t in sorted(curve)] for curve in curves])
-        std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
-        stats[name] = (sorted(curves[0]), values.mean(axis=0), std, len(values))
+        thresholds = sorted(curves[0])
+        values = np.array([[curve[t] for t in thresholds] for curve in curves])
+        means[name] = dict(zip(thresholds, values.mean(axis=0), strict=True))
+        spread[name] = (values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(thresholds)), len(values))
     figure = Figure(figsize=(10, 4), layout="tight")
     left, right = figure.subplots(1, 2)
-    for name, (thresholds, mean, std, _) in stats.items():
-        left.plot(thresholds, mean, marker="o", label=f"{name} ({len(runs[name])} seeds)")
-        left.fill_between(thresholds, mean - std, mean + std, alpha=0.2)
-    _, base_mean, base_std, base_n = stats[baseline]
-    others = [name for name in stats if name != baseline]
-    width = 0.04 / max(1, len(others))
-    for index, name in enumerate(others):
-        thresholds, mean, std, n = stats[name]
-        offset = (index - (len(others) - 1) / 2) * width
-        error = 2 * np.sqrt(std**2 / n + base_std**2 / base_n)
-        right.bar(np.array(thresholds) + offset, mean - base_mean, width=width, yerr=error, capsize=2, label=name)
-    left.set(xlabel="IoU threshold", ylabel="box AP", title="AP by IoU threshold (mean ± std over seeds)")
-    right.set(xlabel="IoU threshold", ylabel=f"AP gain over {baseline}", title="gain ± 2 combined standard errors")
+    for name, curve in means.items():
+        mean, (std, n) = np.array(list(curve.values())), spread[name]
+        left.plot(list(curve), mean, marker="o", label=f"{name} ({n} seeds)" if seeds else name)
+        if seeds:
+            left.fill_between(list(curve), mean - std, mean + std, alpha=0.2)
+    gains = ap_gain(means, baseline)
+    base_std, base_n = spread[baseline]
+    width = 0.04 / max(1, len(gains))  # the bars of all runs share the 0.05 gap between thresholds
+    for index, (name, curve) in enumerate(gains.items()):
+        offset = (index - (len(gains) - 1) / 2) * width
+        std, n = spread[name]
+        error = 2 * np.sqrt(std**2 / n + base_std**2 / base_n) if seeds else None
+        right.bar(np.array(list(curve)) + offset, list(curve.values()), width=width, yerr=error, capsize=2, label=name)
+    spread_title = " (mean ± std over seeds)" if seeds else ""
+    left.set(xlabel="IoU threshold", ylabel="box AP", title=f"AP by IoU threshold{spread_title}")
+    gain_title = "gain ± 2 combined standard errors" if seeds else "gain by IoU threshold"
+    right.set(xlabel="IoU threshold", ylabel=f"AP gain over {baseline}", title=gain_title)
     right.axhline(0, color="black", linewidth=0.8)
     for axis in (left, right):
         axis.legend(fontsize=8)
