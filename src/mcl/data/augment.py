@@ -15,6 +15,20 @@ def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
+def _crop(image_size: int, min_scale: float, zoom_out: float, zoom_out_p: float) -> list[v2.Transform]:
+    """Random resized crop, then (with ``zoom_out`` > 1, probability ``zoom_out_p``) paste the crop at a random
+    place on a black canvas up to ``zoom_out`` times its side and resize back: the object then spans
+    ``1/zoom_out`` to 1 of the view, so small objects are seen too (detection data holds them, object-centric
+    classification data does not)."""
+    if zoom_out < 1:
+        raise ValueError(f"zoom_out={zoom_out} is invalid: it is the largest canvas/crop side ratio, at least 1")
+    crop = [v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True)]
+    if zoom_out == 1 or zoom_out_p == 0:
+        return crop
+    zoom = v2.RandomZoomOut(fill=0, side_range=(1.0, zoom_out), p=zoom_out_p)
+    return [*crop, zoom, v2.Resize((image_size, image_size), antialias=True)]
+
+
 def byol_view(
     image_size: int,
     blur_p: float,
@@ -25,12 +39,15 @@ def byol_view(
     grayscale_p: float = 0.2,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    zoom_out: float = 1.0,
+    zoom_out_p: float = 0.5,
 ) -> v2.Compose:
-    """One side of BYOL's asymmetric augmentation; the blur kernel is ~10% of the image, as at 224 px (23)."""
+    """One side of BYOL's asymmetric augmentation; the blur kernel is ~10% of the image, as at 224 px (23).
+    ``zoom_out``: see ``_crop`` (1: off, BYOL's recipe)."""
     kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
     return v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
+            *_crop(image_size, min_scale, zoom_out, zoom_out_p),
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p),
             v2.RandomGrayscale(p=grayscale_p),
@@ -46,11 +63,13 @@ def supervised_view(
     min_scale: float = 0.08,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    zoom_out: float = 1.0,
+    zoom_out_p: float = 0.5,
 ) -> v2.Compose:
-    """The plain supervised recipe: random resized crop and flip."""
+    """The plain supervised recipe: random resized crop and flip (``zoom_out``: see ``_crop``; 1: off)."""
     return v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
+            *_crop(image_size, min_scale, zoom_out, zoom_out_p),
             v2.RandomHorizontalFlip(),
             *_normalize(mean, std),
         ]

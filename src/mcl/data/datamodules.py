@@ -108,6 +108,8 @@ class MultiLevelDataModule(pl.LightningDataModule):
         jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
         jitter_p: float = 0.8,
         grayscale_p: float = 0.2,
+        zoom_out: float = 1.0,
+        zoom_out_p: float = 0.5,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         pin_memory: bool = True,
@@ -118,6 +120,11 @@ class MultiLevelDataModule(pl.LightningDataModule):
             raise ValueError(f"data.view_mode={view_mode!r} is invalid: use one of {VIEW_MODES}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} is invalid: it must be at least 1")
+        if zoom_out < 1 or not 0 <= zoom_out_p <= 1:
+            raise ValueError(
+                f"data.zoom_out={zoom_out}, data.zoom_out_p={zoom_out_p} are invalid: zoom_out is the largest "
+                "canvas/crop side ratio (at least 1; 1 is off) and zoom_out_p a probability"
+            )
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -131,6 +138,7 @@ class MultiLevelDataModule(pl.LightningDataModule):
             "jitter_p": jitter_p,
             "grayscale_p": grayscale_p,
         }
+        self.zoom = {"zoom_out": zoom_out, "zoom_out_p": zoom_out_p}
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.seed = seed
@@ -142,10 +150,10 @@ class MultiLevelDataModule(pl.LightningDataModule):
 
     def train_transform(self) -> MultiView:
         if self.view_mode == "supervised":
-            side = supervised_view(self.image_size, mean=self.mean, std=self.std)
+            side = supervised_view(self.image_size, mean=self.mean, std=self.std, **self.zoom)
             return MultiView([side], self.views_per_side, squeeze_sides=True)
         sides = [
-            byol_view(self.image_size, blur, solarize, mean=self.mean, std=self.std, **self.augment)
+            byol_view(self.image_size, blur, solarize, mean=self.mean, std=self.std, **self.augment, **self.zoom)
             for blur, solarize in zip(BLUR_P, SOLARIZE_P, strict=True)
         ]
         return MultiView(sides, self.views_per_side)
