@@ -37,6 +37,7 @@ from mcl.detection.analysis import plot_ap_by_iou_seeds, plot_scale_spread
 from mcl.detection.coco import split_annotations
 from mcl.detection.fashion_canvas import CanvasSpec, build_fashion_canvas, object_scale_spread
 from mcl.detection.finetune import finetune
+from mcl.detection.probe import PLACES, object_probe_top1, read_objects
 from mcl.knn import knn_top1
 from mcl.linear import feature_probe_top1, frozen_backbone, pooled_features
 from mcl.results import compare_means, mean_std
@@ -163,13 +164,25 @@ def flat_pixels(loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(images), torch.cat(labels)
 
 
-def probe(row: str, seed: int, checkpoint: str | None, s: dict[str, Any], pixels: bool = False) -> dict[str, float]:
+def probe(
+    row: str,
+    seed: int,
+    checkpoint: str | None,
+    s: dict[str, Any],
+    canvases: dict[str, Path] | None = None,
+    pixels: bool = False,
+) -> dict[str, float]:
     """kNN (k=200, as the training monitor) and linear-probe top-1 of the frozen backbone on Fashion-MNIST test
     images, with a bank / probe training set of Fashion-MNIST training images (``probe_images``: their counts).
-    ``pixels=True`` probes the normalised pixels themselves: the reference a useful backbone should pass."""
+    ``pixels=True`` probes the normalised pixels themselves: the reference a useful backbone should pass.
+    With the canvases (``canvases``), also the object probes of ``mcl.detection.probe`` (fitted on the training
+    canvases' objects, tested on the validation canvases'): in place (RoIAlign of C3-C5 over each box of the whole
+    canvas) and centred (the box pasted at the centre of an empty canvas, pooled C5)."""
     settings = {"row": row, "seed": seed, "checkpoint": checkpoint, **{k: s[k] for k in ("image_size", "probe_images")}}
     if pixels:
         settings["features"] = "pixels"
+    elif canvases:
+        settings["objects"] = str(canvases["root"])
     folder = s["runs"] / f"probe_{slug(row)}_seed{seed}_{key(settings)}"
 
     def run() -> dict[str, float]:
@@ -185,7 +198,16 @@ def probe(row: str, seed: int, checkpoint: str | None, s: dict[str, Any], pixels
         else:
             backbone = probed_backbone(checkpoint, s["image_size"], seed)
             bank, test = pooled_features(backbone, bank_loader), pooled_features(backbone, val_loader)
-        return {"knn_top1": knn_top1(test[0], test[1], bank[0], bank[1]), "linear_top1": feature_probe_top1(bank, test)}
+        result = {
+            "knn_top1": knn_top1(test[0], test[1], bank[0], bank[1]),
+            "linear_top1": feature_probe_top1(bank, test),
+        }
+        if canvases and not pixels:
+            train_objects = read_objects(canvases["train_images"], canvases["train"], FMNIST_MEAN, FMNIST_STD)
+            val_objects = read_objects(canvases["val_images"], canvases["val"], FMNIST_MEAN, FMNIST_STD)
+            for place in PLACES:
+                result[f"objects_{place}_top1"] = object_probe_top1(backbone, train_objects, val_objects, place)
+        return result
 
     return cached(folder, settings, run)
 
@@ -231,7 +253,7 @@ def run_row(row: str, data: dict[str, Path], s: dict[str, Any], log) -> dict[str
     for pretrain_seed in range(pretrain_seeds):
         pretrained = pretrain(row, pretrain_seed, s) if ROWS[row] else None
         checkpoint = pretrained["checkpoint"] if pretrained else None
-        frozen = probe(row, pretrain_seed, checkpoint, s)
+        frozen = probe(row, pretrain_seed, checkpoint, s, data)
         # One learning rate: nothing to choose, no held-out runs.
         lrs = s["lrs"] if len(s["lrs"]) > 1 else ()
         grid = {lr: fine_tune(row, checkpoint, lr, 0, "heldout", data, s) for lr in lrs}
@@ -308,11 +330,13 @@ def markdown(
         "the learning-rate grid and the seeds. kNN and linear top-1: frozen pooled C5 on "
         f"{s['probe_images'][1]} Fashion-MNIST test images ({s['probe_images'][0]} training images as bank and probe "
         f"training set); the normalised pixels themselves give {pixels['knn_top1']:.1f} and "
-        f"{pixels['linear_top1']:.1f}.",
+        f"{pixels['linear_top1']:.1f}. *Objects*: linear top-1 on the validation canvases' objects from the frozen "
+        "backbone (`mcl.detection.probe`), *in place* (C3-C5 pooled over each box of the whole canvas: what the "
+        "detector starts from) and *centred* (the box alone at the centre of an empty canvas).",
         "",
-        "| pretraining | kNN top-1 | linear top-1 | lr | AP | AP per seed | AP50 | AP75 | vs random init "
-        "| pretrain min | fine-tune min |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| pretraining | kNN top-1 | linear top-1 | objects in place | objects centred | lr | AP | AP per seed | AP50 "
+        "| AP75 | vs random init | pretrain min | fine-tune min |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for row, result in results.items():
         first = result["pretrainings"][0]
@@ -323,8 +347,11 @@ def markdown(
         tune_min = (first["grid_s"] + sum(r["seconds"] for r in first["runs"])) / 60
         seeds = " / ".join(f"{ap:.1f}" for ap in seed_values(result, "AP"))
         pre = f"{first['pretrain_s'] / 60:.1f}" if row != BASELINE else "-"
+        objects = " | ".join(
+            f"{first[f'objects_{place}_top1']:.1f}" if f"objects_{place}_top1" in first else "-" for place in PLACES
+        )
         lines.append(
-            f"| {row} | {first['knn_top1']:.1f} | {first['linear_top1']:.1f} | {first['lr']:g} | "
+            f"| {row} | {first['knn_top1']:.1f} | {first['linear_top1']:.1f} | {objects} | {first['lr']:g} | "
             f"{pm(seed_values(result, 'AP'))} | {seeds} | {pm(seed_values(result, 'AP50'))} | "
             f"{pm(seed_values(result, 'AP75'))} | {versus} | {pre} | {tune_min:.1f} |"
         )
@@ -394,6 +421,11 @@ def main() -> None:
         "--roi-levels", choices=("torchvision", "pretraining"), default="torchvision",
         help="RoI-to-level mapping: torchvision's (224 px on P4) or the pretraining's (view size on P5)",
     )  # fmt: skip
+    parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs instead of the settings'")
+    parser.add_argument(
+        "--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
+        help="an extra mcl-train override for every pretraining (repeatable), e.g. data.zoom_out=3",
+    )  # fmt: skip
     parser.add_argument("--tag", help="results go to transfer_<tag>.md/.json/.png instead of the settings' name")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where runs are cached (benchmarks/runs)")
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where tables and plots go")
@@ -411,6 +443,10 @@ def main() -> None:
         s["rows"] = tuple(dict.fromkeys([BASELINE, *rows]))
     if args.lrs:
         s["lrs"] = tuple(float(lr) for lr in args.lrs.split(","))
+    if args.finetune_epochs:
+        s["finetune_epochs"] = args.finetune_epochs
+    if args.pretrain_override:
+        s["pretrain_overrides"] = (*s.get("pretrain_overrides", ()), *args.pretrain_override)
     s["roi_levels"] = args.roi_levels
     started = time.perf_counter()
     log = lambda message: print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {message}", flush=True)  # noqa: E731
