@@ -332,11 +332,12 @@ def markdown(
         f"training set); the normalised pixels themselves give {pixels['knn_top1']:.1f} and "
         f"{pixels['linear_top1']:.1f}. *Objects*: linear top-1 on the validation canvases' objects from the frozen "
         "backbone (`mcl.detection.probe`), *in place* (C3-C5 pooled over each box of the whole canvas: what the "
-        "detector starts from) and *centred* (the box alone at the centre of an empty canvas).",
+        "detector starts from), *centred* (the box alone at the centre of an empty canvas, pooled C5) and *moved* "
+        "(alone at a random place).",
         "",
-        "| pretraining | kNN top-1 | linear top-1 | objects in place | objects centred | lr | AP | AP per seed | AP50 "
-        "| AP75 | vs random init | pretrain min | fine-tune min |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| pretraining | kNN top-1 | linear top-1 | objects in place | objects centred | objects moved | lr | AP "
+        "| AP per seed | AP50 | AP75 | vs random init | pretrain min | fine-tune min |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for row, result in results.items():
         first = result["pretrainings"][0]

@@ -8,18 +8,32 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from mcl.backbones import Backbone
-from mcl.detection.probe import centred_objects, object_features, object_probe_top1, read_objects
+from mcl.detection.probe import object_features, object_probe_top1, pasted_objects, read_objects
 
 
 def test_centred_objects_paste_the_box_content_at_the_centre():
     images = torch.zeros(2, 3, 10, 10)
     images[1, :, 1:4, 6:8] = torch.arange(6.0).view(3, 2)
     boxes = torch.tensor([[1, 6, 1, 8, 4]], dtype=torch.float32)
-    out = centred_objects(images, boxes, background=-1.0)
+    out = pasted_objects(images, boxes, background=-1.0)
     assert out.shape == (1, 3, 10, 10)
     # a 2-wide, 3-high box lands at left (10 - 2) // 2 = 4, top (10 - 3) // 2 = 3
     assert torch.equal(out[0, :, 3:6, 4:6], images[1, :, 1:4, 6:8])
     assert (out[0] == -1).sum() == 3 * (100 - 6)
+
+
+def test_moved_objects_land_anywhere_they_fit_and_repeat_for_a_seed():
+    images = torch.zeros(1, 1, 10, 10)
+    images[0, 0, 1:4, 6:8] = torch.arange(1.0, 7.0).view(3, 2)
+    boxes = torch.tensor([[0, 6, 1, 8, 4]] * 200, dtype=torch.float32)
+    out = pasted_objects(images, boxes, -1.0, torch.Generator().manual_seed(0))
+    again = pasted_objects(images, boxes, -1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    # the top-left value 1 marks each paste's corner: every left 0..8 and top 0..7 occurs, nothing else
+    corners = (out[:, 0] == 1).nonzero()[:, 1:]
+    assert len(corners) == 200
+    assert set(corners[:, 1].tolist()) == set(range(9)) and set(corners[:, 0].tolist()) == set(range(8))
+    assert all((out[k, 0] != -1).sum() == 6 for k in range(200))
 
 
 def test_in_place_features_are_c3_c4_c5_pooled_over_each_box_in_box_order():
@@ -67,5 +81,10 @@ def test_read_objects_and_the_probe_tell_two_shapes_apart(tmp_path):
     backbone = Backbone("resnet18", image_size=48)
     for place in ("in_place", "centred"):
         assert object_probe_top1(backbone, train, test, place) >= 90  # chance: 50
+    # moved: pooled C5 of each object pasted alone at the seed's random places
+    moved = pasted_objects(images, boxes, -1.0, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = backbone.eval().forward_pooled(moved)
+    torch.testing.assert_close(object_features(backbone, images, boxes, "moved", seed=3), expected)
     with pytest.raises(ValueError, match="place='corner'"):
         object_features(backbone, images, boxes, "corner")

@@ -5,11 +5,12 @@ Linear-probe top-1 on the ground-truth objects of a COCO-format set, from featur
 - ``in_place``: the whole image goes through the backbone and each object's box is pooled (RoIAlign, one bin) from
   C3, C4 and C5, concatenated: what a detector's RoI head starts from.
 - ``centred``: each object's box content is pasted at the centre of an empty image of the same size (the
-  background colour), and C5 is pooled globally: the object at its own size, but where a classification
-  pretraining puts its objects.
+  background colour), and C5 is pooled globally: the object at its own size, alone, always at the same place.
+- ``moved``: the same, but each object at a random place of the empty image (seeded): alone, anywhere.
 
-A backbone with ``centred`` far above ``in_place`` recognises the objects but not at arbitrary places of a larger
-image: fine-tuning has to relearn that before its pretraining helps.
+``centred`` far above ``moved`` means features that change with where an object lies relative to the backbone's
+stride (pretraining that always shows objects at the same place teaches nothing else); ``moved`` above
+``in_place`` means neighbours disturb them. Either way fine-tuning has to relearn it before pretraining helps.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torchvision.ops import roi_align
 from mcl.backbones import Backbone
 from mcl.linear import feature_probe_top1
 
-PLACES = ("in_place", "centred")
+PLACES = ("in_place", "centred", "moved")
 
 
 def read_objects(
@@ -50,29 +51,40 @@ def read_objects(
     return pixels, torch.tensor(boxes, dtype=torch.float32).view(-1, 5), torch.tensor(labels, dtype=torch.long)
 
 
-def centred_objects(images: torch.Tensor, boxes: torch.Tensor, background: float) -> torch.Tensor:
-    """One image per box: the box's content (integer pixel coordinates) pasted at the centre of an image of the
-    same size filled with ``background``."""
+def pasted_objects(
+    images: torch.Tensor, boxes: torch.Tensor, background: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One image per box: the box's content (integer pixel coordinates) pasted on an image of the same size filled
+    with ``background``, at the centre, or with ``generator`` at a uniformly random place where it fits."""
     size_y, size_x = images.shape[-2:]
     out = images.new_full((len(boxes), images.shape[1], size_y, size_x), background)
     for k, (i, x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
         width, height = x1 - x0, y1 - y0
         left, top = (size_x - width) // 2, (size_y - height) // 2
+        if generator is not None:
+            left = int(torch.randint(0, size_x - width + 1, (), generator=generator))
+            top = int(torch.randint(0, size_y - height + 1, (), generator=generator))
         out[k, :, top : top + height, left : left + width] = images[i, :, y0:y1, x0:x1]
     return out
 
 
 @torch.no_grad()
 def object_features(
-    backbone: Backbone, images: torch.Tensor, boxes: torch.Tensor, place: str = "in_place", batch_size: int = 64
+    backbone: Backbone,
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    place: str = "in_place",
+    batch_size: int = 64,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """Frozen features of every box, ``(M, D)``: see the module's docstring for ``place``."""
+    """Frozen features of every box, ``(M, D)``: see the module's docstring for ``place`` (``seed``: the places of
+    ``moved``; the background is the images' smallest value)."""
     if place not in PLACES:
         raise ValueError(f"place={place!r} is invalid: use one of {PLACES}")
     backbone.eval()
-    if place == "centred":
-        background = float(images.amin())
-        objects = centred_objects(images, boxes, background)
+    if place in ("centred", "moved"):
+        generator = torch.Generator().manual_seed(seed) if place == "moved" else None
+        objects = pasted_objects(images, boxes, float(images.amin()), generator)
         return torch.cat(
             [backbone.forward_pooled(objects[i : i + batch_size]) for i in range(0, len(objects), batch_size)]
         )
@@ -103,6 +115,6 @@ def object_probe_top1(
     place: str = "in_place",
 ) -> float:
     """Linear-probe top-1 (%) on ``test``'s objects after fitting on ``train``'s (each ``read_objects``' triple)."""
-    train_x = object_features(backbone, train[0], train[1], place)
-    test_x = object_features(backbone, test[0], test[1], place)
+    train_x = object_features(backbone, train[0], train[1], place, seed=0)
+    test_x = object_features(backbone, test[0], test[1], place, seed=1)
     return feature_probe_top1((train_x, train[2]), (test_x, test[2]))
