@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from mcl.data import SyntheticDataModule
 from mcl.data.augment import byol_view, supervised_view
+
+from .conftest import compose_train
 
 WHITE = torch.full((3, 28, 28), 255, dtype=torch.uint8)
 
@@ -46,3 +49,13 @@ def test_zoom_out_probability_leaves_the_rest_of_the_views_filled():
 def test_bad_zoom_out_values_name_the_keys(zoom_out, zoom_out_p):
     with pytest.raises(ValueError, match="data.zoom_out="):
         SyntheticDataModule(image_size=32, zoom_out=zoom_out, zoom_out_p=zoom_out_p)
+
+
+@pytest.mark.parametrize("data", ["synthetic", "fashion_mnist", "imagefolder"])
+def test_every_data_config_passes_zoom_out_to_the_views(data):
+    cfg = compose_train([f"data={data}", "data.zoom_out=3", "data.zoom_out_p=0.25"])
+    kwargs = {k: cfg.data[k] for k in ("image_size", "zoom_out", "zoom_out_p")}
+    module = SyntheticDataModule(**kwargs)
+    (side,) = module.train_transform().sides[:1]
+    zoom = next(t for t in side.transforms if isinstance(t, v2.RandomZoomOut))
+    assert (zoom.side_range, zoom.p) == ((1.0, 3.0), 0.25)
