@@ -177,7 +177,7 @@ def probe(
     ``pixels=True`` probes the normalised pixels themselves: the reference a useful backbone should pass.
     With the canvases (``canvases``), also the object probes of ``mcl.detection.probe`` (fitted on the training
     canvases' objects, tested on the validation canvases'): in place (RoIAlign of C3-C5 over each box of the whole
-    canvas) and centred (the box pasted at the centre of an empty canvas, pooled C5)."""
+    canvas), centred and moved (the box alone at the centre / a random place of an empty canvas, pooled C5)."""
     settings = {"row": row, "seed": seed, "checkpoint": checkpoint, **{k: s[k] for k in ("image_size", "probe_images")}}
     if pixels:
         settings["features"] = "pixels"
