@@ -23,6 +23,9 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,13 @@ ROI_LEVELS = {
     "torchvision": "torchvision's level rule (a 224 px RoI on P4, so every object here on P2)",
     "pretraining": "the pretraining's scales (a view-sized RoI on P5, half that on P4, ...)",
 }
+# frozen_stages -> what fine-tuning trains (mcl-finetune's model.frozen_stages, detectron2's FREEZE_AT).
+FROZEN = {
+    0: "every backbone stage trained",
+    **{n: f"the first {n} backbone stages frozen (stem = 1), the rest trained" for n in range(1, 5)},
+    5: "the backbone frozen (the representation as pretrained; BN still normalises with batch statistics), "
+    "FPN, RPN and box head trained",
+}
 # name -> mcl-train overrides (None: no pretraining).
 ROWS: dict[str, list[str] | None] = {
     BASELINE: None,
@@ -68,14 +78,14 @@ SETTINGS = {
         rows=DEFAULT_ROWS, probe_images=(5000, 2000), pretrain_seeds=1, pretrain_epochs=3, pretrain_images=5760,
         image_size=32, width=64,
         train_canvases=360, heldout_fraction=0.2, val_canvases=300, canvas=96, finetune_epochs=4,
-        lrs=(0.02, 0.05), seeds=3, batch_size=4, rois=32, accelerator="cpu", workers=0,
+        lrs=(0.02, 0.05), seeds=3, batch_size=4, rois=32, accelerator="cpu", workers=0, frozen_stages=5,
     ),
     # Every row, a second pretraining seed for the MCL rows: the reference table (about 3 hours on 2 CPU cores).
     "full": dict(
         rows=tuple(ROWS), probe_images=(5000, 2000), pretrain_seeds=2, pretrain_epochs=3, pretrain_images=5760,
         image_size=32, width=64,
         train_canvases=360, heldout_fraction=0.2, val_canvases=300, canvas=96, finetune_epochs=4,
-        lrs=(0.02, 0.05), seeds=3, batch_size=4, rois=32, accelerator="cpu", workers=0,
+        lrs=(0.02, 0.05), seeds=3, batch_size=4, rois=32, accelerator="cpu", workers=0, frozen_stages=5,
     ),
     # One GPU in about 10 minutes (an estimate: not yet run): all 60k Fashion-MNIST images for 4 epochs at batch 256
     # and 64 px, the library's 256-channel FPN, 1,200 canvases of 128 px, the default rows.
@@ -83,7 +93,7 @@ SETTINGS = {
         rows=DEFAULT_ROWS, probe_images=(10000, 10000), pretrain_seeds=1, pretrain_epochs=4, pretrain_images=60000,
         image_size=64, width=256, pretrain_overrides=("batch_size=256", "data.num_workers=8"),
         train_canvases=1200, heldout_fraction=0.2, val_canvases=600, canvas=128, finetune_epochs=4,
-        lrs=(0.02, 0.05), seeds=3, batch_size=16, rois=64, accelerator="gpu", workers=6,
+        lrs=(0.02, 0.05), seeds=3, batch_size=16, rois=64, accelerator="gpu", workers=6, frozen_stages=5,
     ),
     # A smoke test of the whole pipeline (the test suite runs it).
     "quick": dict(
@@ -91,6 +101,7 @@ SETTINGS = {
         pretrain_images=128,
         image_size=32, width=32, train_canvases=10, heldout_fraction=0.2, val_canvases=6, canvas=64,
         finetune_epochs=1, lrs=(0.02, 0.05), seeds=2, batch_size=2, rois=16, accelerator="cpu", workers=0,
+        frozen_stages=5,
     ),
 }  # fmt: skip
 
@@ -225,6 +236,8 @@ def fine_tune(
     names += ("train_canvases", "val_canvases")
     settings = {"row": row, "checkpoint": checkpoint, "lr": lr, "seed": seed, "split": split}
     settings.update({k: s[k] for k in names})
+    if s.get("finetune_overrides"):
+        settings["overrides"] = list(s["finetune_overrides"])
     roi_levels = []
     if s.get("roi_levels", "torchvision") == "pretraining":
         settings["roi_levels"] = "pretraining"
@@ -242,7 +255,7 @@ def fine_tune(
         f"model.pretrained={checkpoint}" if checkpoint else "model.pretrained=null",
         f"trainer.accelerator={s['accelerator']}", "trainer.enable_progress_bar=false",
         f"+trainer.check_val_every_n_epoch={s['finetune_epochs']}", "trainer.num_sanity_val_steps=0",
-        "~callbacks.checkpoint", "~callbacks.last", "logger=csv", *roi_levels,
+        "~callbacks.checkpoint", "~callbacks.last", "logger=csv", *roi_levels, *s.get("finetune_overrides", ()),
     ]  # fmt: skip
     return cached(folder, settings, lambda: finetune(composed("finetune", overrides, folder / "run")))
 
@@ -304,16 +317,23 @@ def markdown(
     lines = [
         f"# Transfer benchmark ({name}): Fashion-MNIST canvases, Faster R-CNN R18-FPN v2",
         "",
-        f"Produced by `python benchmarks/transfer.py{'' if name == 'default' else ' --' + name}` "
+        f"Produced by `{s['command']}` "
         f"on {machine()}: {run_minutes(results, pixels):.0f} min of pretraining, probing and fine-tuning in all "
         f"(the sum of every run's time; this invocation took {minutes:.0f} min, reusing cached runs). "
         f"Pretraining: {s['pretrain_epochs']} epochs on "
         f"{s['pretrain_images']} Fashion-MNIST training images (ResNet-18, {s['image_size']} px, FPN and head "
         f"{s['width']} channels; otherwise the library's CPU recipe: batch 64, LARS for MCL, SGD for supervised; "
         f"extra overrides: {list(s.get('pretrain_overrides', [])) or 'none'}). "
-        f"Fine-tuning: {s['finetune_epochs']} epochs, batch {s['batch_size']}, on {s['train_canvases']} canvases of "
+        f"Fine-tuning: {FROZEN[s['frozen_stages']]}; {s['finetune_epochs']} epochs, batch {s['batch_size']}, "
+        f"on {s['train_canvases']} canvases of "
         f"{s['canvas']} px (items of Fashion-MNIST's training split), RoIs pooled by "
-        f"{ROI_LEVELS[s.get('roi_levels', 'torchvision')]}, SGD with "
+        f"{ROI_LEVELS[s.get('roi_levels', 'torchvision')]}, "
+        + (
+            f"extra overrides {list(s['finetune_overrides'][bool(s['frozen_stages']) :])}, "
+            if len(s["finetune_overrides"]) > bool(s["frozen_stages"])
+            else ""
+        )
+        + "SGD with "
         + (
             f"the lr picked per row from {list(s['lrs'])} by AP on a held-out {s['heldout_fraction']:.0%} of the "
             "training canvases (seed 0), then "
@@ -416,7 +436,10 @@ def main() -> None:
     for name in ("quick", "full", "large"):
         group.add_argument(f"--{name}", action="store_true", help=f"the {name!r} settings (see SETTINGS)")
     parser.add_argument("--seeds", type=int, help="fine-tuning seeds per row (default: the settings')")
-    parser.add_argument("--rows", help="comma-separated rows instead of the settings' (random init is always run)")
+    parser.add_argument(
+        "--rows",
+        help="rows instead of the settings', joined by ',' (random init is always run): 'supervised,MCL, 1 level'",
+    )
     parser.add_argument("--lrs", help="comma-separated learning-rate grid instead of the settings' (one: no grid)")
     parser.add_argument(
         "--roi-levels", choices=("torchvision", "pretraining"), default="torchvision",
@@ -427,17 +450,37 @@ def main() -> None:
         "--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
         help="an extra mcl-train override for every pretraining (repeatable), e.g. data.zoom_out=3",
     )  # fmt: skip
+    parser.add_argument(
+        "--frozen-stages",
+        type=int,
+        choices=range(6),
+        metavar="N",
+        help="backbone stages kept frozen in fine-tuning (detectron2's FREEZE_AT; default: the settings', 5 = all)",
+    )
+    parser.add_argument(
+        "--finetune-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra mcl-finetune override for every fine-tuning (repeatable), e.g. model.anchor_base_size=8",
+    )
     parser.add_argument("--tag", help="results go to transfer_<tag>.md/.json/.png instead of the settings' name")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where runs are cached (benchmarks/runs)")
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where tables and plots go")
     args = parser.parse_args()
     name = next((n for n in ("quick", "full", "large") if getattr(args, n)), "default")
+    shown = [
+        arg
+        for i, arg in enumerate(sys.argv[1:])
+        if arg not in ("--runs", "--results") and sys.argv[i] not in ("--runs", "--results")
+    ]
     s = dict(SETTINGS[name])
+    s["command"] = shlex.join(["python", "benchmarks/transfer.py", *shown])
     s["runs"] = args.runs
     if args.seeds:
         s["seeds"] = args.seeds
     if args.rows:
-        rows = [row.strip() for row in args.rows.split(",")]
+        rows = [row.strip() for row in re.split(r",(?! )", args.rows)]  # row names hold ", "
         unknown = [row for row in rows if row not in ROWS]
         if unknown:
             parser.error(f"unknown rows {unknown}: use some of {list(ROWS)}")
@@ -448,6 +491,10 @@ def main() -> None:
         s["finetune_epochs"] = args.finetune_epochs
     if args.pretrain_override:
         s["pretrain_overrides"] = (*s.get("pretrain_overrides", ()), *args.pretrain_override)
+    if args.frozen_stages is not None:
+        s["frozen_stages"] = args.frozen_stages
+    frozen = (f"model.frozen_stages={s['frozen_stages']}",) if s["frozen_stages"] else ()
+    s["finetune_overrides"] = (*frozen, *args.finetune_override)
     s["roi_levels"] = args.roi_levels
     started = time.perf_counter()
     log = lambda message: print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {message}", flush=True)  # noqa: E731

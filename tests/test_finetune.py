@@ -167,3 +167,29 @@ def test_roi_levels_follow_the_canonical_scale_and_level():
             for pool in pools:
                 pool(features, boxes[:1], [(64, 64)])  # the first call sets up the level mapper
                 assert [int(pool.map_levels([box])) for box in boxes] == expected
+
+
+def test_frozen_stages_keep_their_weights_and_still_normalise_with_batch_statistics():
+    """frozen_stages=2 (detectron2's FREEZE_AT): one SGD step leaves the stem and res2 as they were, moves res3."""
+    torch.manual_seed(0)
+    detector = build_detector("fasterrcnn_v2", "resnet18", 3, 64, 64, fpn_channels=32, frozen_stages=2)
+    body = detector.backbone.body
+    frozen = [body.conv1.weight, body.bn1.weight, body.layer1[0].conv1.weight, body.layer1[1].bn2.bias]
+    trained = [
+        body.layer2[0].conv1.weight,
+        body.layer4[1].conv2.weight,
+        detector.backbone.fpn.layer_blocks[0][0].weight,
+    ]
+    assert not any(p.requires_grad for p in frozen) and all(p.requires_grad for p in trained)
+    before = [p.detach().clone() for p in frozen + trained]
+    running_mean = body.layer1[0].bn1.running_mean.clone()
+    optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad], lr=0.1)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    detector.train()
+    sum(detector([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], targets).values()).backward()
+    optimizer.step()
+    after = frozen + trained
+    assert [torch.equal(b, a) for b, a in zip(before, after, strict=True)] == [True] * 4 + [False] * 3
+    assert not torch.equal(body.layer1[0].bn1.running_mean, running_mean)
+    with pytest.raises(ValueError, match=r"frozen_stages=6 is invalid: use 0 \(train every stage\) to 5"):
+        build_detector("fasterrcnn_v2", "resnet18", 3, frozen_stages=6)

@@ -153,7 +153,7 @@ def weight_report(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) 
 # Keys of the ``model`` config passed to build_detector as they are.
 DETECTOR_OPTIONS = (
     "min_size", "max_size", "anchor_base_size", "proposals_train", "proposals_test", "rois_per_image",
-    "image_mean", "image_std", "fpn_channels", "roi_canonical_scale", "roi_canonical_level",
+    "image_mean", "image_std", "fpn_channels", "roi_canonical_scale", "roi_canonical_level", "frozen_stages",
 )  # fmt: skip
 
 

@@ -26,6 +26,18 @@ DEPTHS = {"resnet18": (torchvision.models.resnet18, 512), "resnet50": (torchvisi
 EXPORT_FORMAT = {"fasterrcnn_v2": "fasterrcnn_v2", "maskrcnn_v2": "fasterrcnn_v2", "retinanet_v2": "retinanet_v2"}
 
 
+# The ResNet's stages in detectron2's order (FREEZE_AT counts them): the stem, then res2..res5.
+STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
+def freeze_stages(resnet: nn.Module, count: int) -> nn.Module:
+    """Stop gradients into the first ``count`` stages of ``resnet`` (stem, res2, ...); returns ``resnet``."""
+    for stage in STAGES[:count]:
+        for name in stage:
+            getattr(resnet, name).requires_grad_(False)
+    return resnet
+
+
 def anchor_generator(base_size: int, octaves: int) -> AnchorGenerator:
     """One anchor size per pyramid level (``octaves`` per level for RetinaNet), starting at ``base_size`` on P2/P3."""
     sizes = tuple(
@@ -58,6 +70,7 @@ def build_detector(
     fpn_channels: int = 256,
     roi_canonical_scale: int = 224,
     roi_canonical_level: int = 4,
+    frozen_stages: int = 0,
 ) -> nn.Module:
     """A randomly initialised detector; ``num_classes`` counts the background for the R-CNNs, as torchvision does.
 
@@ -66,7 +79,9 @@ def build_detector(
     images with few objects train several times faster with fewer. ``image_mean``/``image_std`` normalise the input
     (None: torchvision's ImageNet values); fine-tune with the normalisation the weights were pretrained with.
     ``fpn_channels`` is the width of the FPN, RPN and box head (the pretraining's ``neck.out_channels``).
-    Every backbone stage is trainable, and BatchNorm everywhere normalises with batch statistics in training.
+    ``frozen_stages`` counts the backbone stages whose weights stay as loaded, as detectron2's ``FREEZE_AT``: 0 trains
+    every stage, 1 freezes the stem, 2 the stem and res2, ... 5 the whole ResNet (a frozen-feature protocol). BatchNorm
+    everywhere normalises with batch statistics in training, frozen stages included (their affine weights stay).
     The R-CNNs pool an RoI of side ``s`` from level ``floor(roi_canonical_level + log2(s / roi_canonical_scale))``
     (clamped to P2..P5); torchvision's 224 / 4 suits 800-pixel images and sends every object under 112 pixels to P2.
     ``roi_canonical_scale=<pretraining view size>, roi_canonical_level=5`` pools objects the size of a pretraining
@@ -76,18 +91,21 @@ def build_detector(
         raise ValueError(f"arch={arch!r} is invalid: use one of {ARCHITECTURES}")
     if backbone not in DEPTHS:
         raise ValueError(f"backbone={backbone!r} is invalid for detection: use one of {tuple(DEPTHS)}")
+    if frozen_stages not in range(len(STAGES) + 1):
+        raise ValueError(f"frozen_stages={frozen_stages!r} is invalid: use 0 (train every stage) to {len(STAGES)}")
     make_resnet, c5_channels = DEPTHS[backbone]
+    resnet = freeze_stages(make_resnet(), frozen_stages)
     sizes = {"min_size": min_size, "max_size": max_size, "image_mean": image_mean, "image_std": image_std}
     width = fpn_channels
     if arch == "retinanet_v2":
-        body = resnet_fpn(make_resnet(), [2, 3, 4], width, LastLevelP6P7(c5_channels, width), norm_layer=None)
+        body = resnet_fpn(resnet, [2, 3, 4], width, LastLevelP6P7(c5_channels, width), norm_layer=None)
         anchors = anchor_generator(anchor_base_size, octaves=3)
         head = RetinaNetHead(
             width, anchors.num_anchors_per_location()[0], num_classes, norm_layer=partial(nn.GroupNorm, 32)
         )
         head.regression_head._loss_type = "giou"
         return RetinaNet(body, num_classes, anchor_generator=anchors, head=head, **sizes)
-    body = resnet_fpn(make_resnet(), [1, 2, 3, 4], width, None, norm_layer=nn.BatchNorm2d)
+    body = resnet_fpn(resnet, [1, 2, 3, 4], width, None, norm_layer=nn.BatchNorm2d)
     anchors = anchor_generator(anchor_base_size, octaves=1)
     levels = {"canonical_scale": roi_canonical_scale, "canonical_level": roi_canonical_level}
     masks = {}
