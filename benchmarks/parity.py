@@ -15,7 +15,7 @@ from rich.table import Table
 
 from mcl.methods.mcl import BN_GROUPS
 from mcl.optim import learning_rate, scaled_lr
-from mcl.train import CONFIG_DIR
+from mcl.runtime import CONFIG_DIR
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 

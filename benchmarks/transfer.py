@@ -44,7 +44,8 @@ from mcl.detection.probe import PLACES, object_probe_top1, read_objects
 from mcl.knn import knn_top1
 from mcl.linear import feature_probe_top1, frozen_backbone, pooled_features
 from mcl.results import compare_means, mean_std
-from mcl.train import CONFIG_DIR, train
+from mcl.runtime import CONFIG_DIR
+from mcl.train import train
 
 ROOT = Path(__file__).resolve().parent
 FMNIST_MEAN, FMNIST_STD = [0.286] * 3, [0.353] * 3
@@ -247,7 +248,8 @@ def fine_tune(
         f"seed={seed}", f"data.root={data['root']}", f"data.train_annotations={train_annotations}",
         f"data.val_images={val_images}", f"data.val_annotations={val_annotations}",
         f"data.batch_size={s['batch_size']}", f"data.num_workers={s['workers']}",
-        f"schedule.max_epochs={s['finetune_epochs']}", "schedule.warmup_steps=50", f"optimizer.lr={lr}",
+        f"detection_schedule.max_epochs={s['finetune_epochs']}", "detection_schedule.warmup_steps=50",
+        f"optimizer.lr={lr}",
         f"model.min_size={s['canvas']}", f"model.max_size={s['canvas']}", f"model.rois_per_image={s['rois']}",
         f"model.fpn_channels={s['width']}",
         "model.proposals_train=200", "model.proposals_test=50",

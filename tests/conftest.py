@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from mcl.train import CONFIG_DIR
+from mcl.runtime import CONFIG_DIR
 
 torch.set_num_threads(2)
 

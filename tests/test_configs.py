@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from mcl.train import CONFIG_DIR, instantiate_callbacks, instantiate_loggers
+from mcl.runtime import CONFIG_DIR, instantiate_callbacks, instantiate_loggers
 
 from .conftest import TINY, compose_train
 
@@ -28,7 +28,7 @@ def test_official_preset_is_the_released_code():
     cfg = compose_train(["preset=official"])
     assert cfg.levels == 4 and cfg.method.levels == 4 and cfg.data.views_per_side == 4
     assert cfg.method.montage_counts == "official" and cfg.method.level_weights == "official"
-    assert cfg.method.bn_groups == "per_side" and cfg.method.schedule_shape == "official"
+    assert cfg.method.bn_groups == "per_side" and cfg.scheduler.shape == "official"
     assert cfg.optimizer._target_ == "mcl.optim.Lars" and cfg.optimizer.lr_in_momentum is True
     assert cfg.method.no_decay_rule == "official" and cfg.method.weight_init == "official"
     assert compose_train(["preset=official", "levels=3"]).method.levels == 3
@@ -39,7 +39,7 @@ def test_official_preset_is_the_released_code():
 
 def test_paper_preset_shares_cells_batchnorm_groups_and_schedule_with_the_released_code():
     cfg = compose_train(["preset=paper"])
-    assert cfg.levels == 3 and cfg.method.bn_groups == "per_side" and cfg.method.schedule_shape == "official"
+    assert cfg.levels == 3 and cfg.method.bn_groups == "per_side" and cfg.scheduler.shape == "official"
     assert cfg.optimizer.lr_in_momentum is False
     assert cfg.method.no_decay_rule == "ndim" and cfg.method.weight_init == "default"
 
@@ -130,3 +130,49 @@ def test_experiments_compose_and_instantiate(experiment, tmp_path):
 def test_tiny_overrides_compose():
     cfg = compose_train(TINY)
     assert cfg.data.num_train == 64 and cfg.logger is None
+
+
+def compose_entry(config: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config, overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "metric"),
+    [
+        ("train", [], "val/knn_top1"),
+        ("train", ["method=supervised"], "val/acc"),
+        ("linear", ["checkpoint=x.ckpt"], "val/top1"),
+        ("finetune", ["data.root=x"], "val/AP"),
+    ],
+)
+def test_entry_points_share_the_hydra_and_callbacks_groups(config, overrides, metric):
+    """One run/sweep folder rule and one checkpoint set for every entry point; the best checkpoint follows the
+    entry point's optimized_metric."""
+    cfg = compose_entry(config, overrides)
+    folders = OmegaConf.to_container(cfg.hydra, resolve=False)
+    assert folders["run"]["dir"] == "outputs/${task_name}/${now:%Y-%m-%d_%H-%M-%S}"
+    assert folders["sweep"]["subdir"] == "${hydra.job.num}_${mcl_dirname:${hydra.job.override_dirname}}"
+    assert cfg.optimized_metric == metric and cfg.callbacks.checkpoint.monitor == metric
+    assert set(cfg.callbacks) == {"checkpoint", "last", "lr_monitor"}
+    assert cfg.callbacks.last._target_ == "mcl.checkpoints.LastCheckpoint"
+
+
+def test_train_help_lists_exactly_its_own_config_groups():
+    """``mcl-train --help`` names every group of train.yaml (with its options) and none of the other entry points'."""
+    import subprocess
+    import sys
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "mcl.train", "--help"], check=True, capture_output=True, text=True
+    ).stdout
+    groups = ("method", "preset", "experiment", "data", "backbone", "neck", "optimizer", "scheduler", "trainer")
+    groups += ("logger", "callbacks", "search", "cluster", "debug")
+    section = help_text.split("Config groups")[1].split("Main keys")[0].splitlines()[1:]
+    assert sorted(line.split()[0] for line in section if line.strip()) == sorted(groups)
+    for group in set(groups) - {"experiment"}:  # every option of the group is named (recipes: the default and a few)
+        line = next(line for line in help_text.splitlines() if line.strip().startswith(group + " "))
+        assert all(option in line for option in options(group) if not option.startswith("_")), (group, line)
+    assert "detection_schedule" not in help_text and "protocol" not in help_text

@@ -10,7 +10,7 @@ from mcl.detection.fashion_canvas import CanvasSpec, build_fashion_canvas
 from mcl.detection.finetune import finetune, step_schedule
 from mcl.detection.models import build_detector, load_pretrained
 from mcl.methods import MCL
-from mcl.train import CONFIG_DIR
+from mcl.runtime import CONFIG_DIR
 
 from .conftest import small_trunk
 from .test_export import save_checkpoint
@@ -37,7 +37,8 @@ def finetune_cfg(canvas, tmp_path, *overrides):
             "finetune",
             [
                 f"data.root={canvas}", "data.batch_size=2", "data.num_workers=0", "logger=none",
-                "schedule.max_epochs=1", "schedule.warmup_steps=1", "trainer.enable_progress_bar=false",
+                "detection_schedule.max_epochs=1", "detection_schedule.warmup_steps=1",
+                "trainer.enable_progress_bar=false",
                 "trainer.enable_model_summary=false", "model.min_size=128", "model.max_size=128", *overrides,
             ],
         )  # fmt: skip

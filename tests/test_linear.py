@@ -9,7 +9,7 @@ from mcl.backbones import Backbone
 from mcl.export import CheckpointKindError
 from mcl.linear import LinearProbe, frozen_backbone, linear_eval
 from mcl.methods import MCL
-from mcl.train import CONFIG_DIR
+from mcl.runtime import CONFIG_DIR
 
 from .conftest import small_trunk
 from .test_export import save_checkpoint

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import hydra
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from timm.optim import Lars as TimmLars
 from torch import nn
 
@@ -146,9 +147,9 @@ def test_official_schedule_values():
 
 
 def test_official_preset_builds_the_released_optimizer_and_schedule():
-    """The official preset at batch 4096 (128 x 32 GPUs), 100 epochs of 312 steps: LARS at lr 16 with the lr in the
-    momentum buffer, and the released schedule at its first step, warmup end, mid-run and last step."""
-    cfg = compose_train(["preset=official", "scheduler.warmup_epochs=10", "method.projector_hidden_dim=64"])
+    """The released recipe at batch 4096 (128 x 32 GPUs), 100 epochs of 312 steps: LARS at lr 16 with the lr in the
+    momentum buffer, and the released schedule (down to 1e-4) at its first step, warmup end, mid-run and last step."""
+    cfg = compose_train(["experiment=mcl_official_r50_b4096_e100_imagenet", "method.projector_hidden_dim=64"])
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
     total = 312 * 100
     model._trainer = SimpleNamespace(
@@ -167,3 +168,45 @@ def test_official_preset_builds_the_released_optimizer_and_schedule():
         expected = official_cosine(step, total, warmup, 16.0, 1e-4, 1e-4)
         assert 16.0 * schedule.lr_lambdas[0](step) == pytest.approx(expected, rel=1e-12)
     assert 16.0 * schedule.lr_lambdas[0](0) == pytest.approx(16.0 * 1e-4)
+
+
+def configured_schedule(overrides: list[str], batch: int, devices: int = 1, total: int = 1000):
+    """The optimizer and schedule that ``configure_optimizers`` builds for a composed config and batch."""
+    cfg = compose_train([*overrides, "method.projector_hidden_dim=64"])
+    assert cfg.scheduler._partial_ and cfg.scheduler._target_ == "mcl.optim.WarmupCosineLR"
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    model._trainer = SimpleNamespace(
+        estimated_stepping_batches=total, max_epochs=10, datamodule=SimpleNamespace(batch_size=batch),
+        world_size=devices, accumulate_grad_batches=1,
+    )  # fmt: skip
+    configured = model.configure_optimizers()
+    return configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+
+
+def test_the_lr_floor_follows_the_scaled_peak_at_any_batch_size():
+    """AdamW (lr 1e-3 at batch 256) at batch 4: peak 1.5625e-5, and the cosine ends at min_lr_ratio x that peak."""
+    for batch in (4, 256, 4096):
+        optimizer, schedule = configured_schedule(["optimizer=adamw", "scheduler.min_lr_ratio=0.01"], batch)
+        peak = 1e-3 * batch / 256
+        assert optimizer.defaults["lr"] == pytest.approx(peak)
+        # the default recipe's half-epoch warmup of a 10-epoch, 1,000-step run
+        assert schedule.warmup_steps == 50 and schedule.lr_lambdas[0](1000) == pytest.approx(0.01)
+    shape = ["scheduler.shape=warmup_then_cosine", "scheduler.warmup_epochs=1", "scheduler.min_lr_ratio=0.01"]
+    _, schedule = configured_schedule(shape, 4)
+    assert schedule.warmup_steps == 100
+    assert schedule.lr_lambdas[0](99) == pytest.approx(1.0) and schedule.lr_lambdas[0](1000) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("scheduler.min_lr_ratio=1.5", r"scheduler.min_lr_ratio=1.5 is invalid: the floor is a fraction"),
+        ("scheduler.warmup_ratio=0", r"scheduler.warmup_ratio=0 is invalid: it must be in \(0, 1\]"),
+        ("scheduler.shape=step", r"scheduler.shape='step' is invalid"),
+        ("scheduler.warmup_epochs=-1", r"scheduler.warmup_epochs=-1 is invalid"),
+    ],
+)
+def test_bad_schedule_settings_fail_when_the_method_is_built(override, message):
+    cfg = compose_train([override, "method.projector_hidden_dim=64"])
+    with pytest.raises(InstantiationException, match=message):  # Hydra's wrapper of the method's ValueError
+        hydra.utils.instantiate(cfg.method, _convert_="all")

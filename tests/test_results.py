@@ -103,7 +103,7 @@ def test_wandb_project_rows_from_run_config_and_summary():
 
 
 def test_long_override_lists_get_short_unique_folder_names():
-    from mcl.train import short_dirname
+    from mcl.runtime import short_dirname
 
     assert short_dirname("levels=2,seed=1") == "levels=2,seed=1"
     long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"

@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mcl.backbones import Backbone
 from mcl.export import backbone_state, load_pretraining_checkpoint
 from mcl.optim import warmup_cosine
-from mcl.train import closing_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
+from mcl.runtime import closing_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
 
 log = logging.getLogger(__name__)
 

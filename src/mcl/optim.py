@@ -128,3 +128,55 @@ def learning_rate(
     if shape == "warmup_then_cosine":
         return warmup_cosine(step, total_steps, warmup_steps, base_lr, min_lr)
     raise ValueError(f"scheduler.shape={shape!r} is invalid: use one of {SCHEDULE_SHAPES}")
+
+
+def check_schedule(
+    shape: str = "warmup_then_cosine",
+    warmup_epochs: float = 10.0,
+    warmup_ratio: float = 1e-4,
+    min_lr_ratio: float = 1e-4,
+) -> None:
+    """Fail with the offending ``scheduler.*`` key when a setting of :class:`WarmupCosineLR` is out of range."""
+    if shape not in SCHEDULE_SHAPES:
+        raise ValueError(f"scheduler.shape={shape!r} is invalid: use one of {SCHEDULE_SHAPES}")
+    if warmup_epochs < 0:
+        raise ValueError(f"scheduler.warmup_epochs={warmup_epochs} is invalid: use 0 or more epochs")
+    if not 0 < warmup_ratio <= 1:
+        raise ValueError(f"scheduler.warmup_ratio={warmup_ratio} is invalid: it must be in (0, 1]")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(
+            f"scheduler.min_lr_ratio={min_lr_ratio} is invalid: the floor is a fraction of the (scaled) peak lr, "
+            "in [0, 1]"
+        )
+
+
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """The per-step lr of pretraining: a cosine from the optimizer's lr to ``min_lr_ratio`` x that lr, with a warmup
+    of ``warmup_epochs`` (``shape``: ``warmup_then_cosine`` or the released code's ``official``, see
+    :func:`learning_rate`).
+
+    The floor is relative to the peak, so it follows the linear lr scaling: any batch size gives the same shape.
+    ``total_steps`` and ``steps_per_epoch`` come from the Trainer; the config group ``scheduler`` holds the rest
+    (a ``_partial_`` that the method completes in ``configure_optimizers``).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        steps_per_epoch: float,
+        shape: str = "warmup_then_cosine",
+        warmup_epochs: float = 10.0,
+        warmup_ratio: float = 1e-4,
+        min_lr_ratio: float = 1e-4,
+    ):
+        check_schedule(shape, warmup_epochs, warmup_ratio, min_lr_ratio)
+        total_steps = max(1, total_steps)
+        self.warmup_steps = min(total_steps, math.ceil(warmup_epochs * steps_per_epoch))
+        self.total_steps = total_steps
+
+        def factor(step: int) -> float:
+            """The lr at ``step`` relative to the optimizer's, as LambdaLR wants it."""
+            return learning_rate(shape, step, total_steps, self.warmup_steps, 1.0, min_lr_ratio, warmup_ratio)
+
+        super().__init__(optimizer, factor)

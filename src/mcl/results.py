@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mcl.train import METRICS_FILE
+from mcl.runtime import METRICS_FILE
 
 DEFAULT_METRICS = ("init/knn_top1", "val/knn_top1", "val/acc", "val/top1", "val/AP", "train/loss")
 

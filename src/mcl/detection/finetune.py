@@ -30,7 +30,7 @@ from mcl.detection.coco import (
 )
 from mcl.detection.models import build_detector, load_pretrained
 from mcl.distributed import world_size
-from mcl.train import closing_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
+from mcl.runtime import closing_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +181,15 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     module = DetectionModule(
         detector,
         hydra.utils.instantiate(cfg.optimizer),
-        list(cfg.schedule.milestones),
-        cfg.schedule.warmup_steps,
+        list(cfg.detection_schedule.milestones),
+        cfg.detection_schedule.warmup_steps,
         masks,
     )
     module.coco = val_set.coco
     if cfg.get("evaluation", {}).get("area_thirds", False):
         module.area_ranges = area_thirds(val_set.coco)
     start_weights = conv_weights(detector)
-    trainer = instantiate_trainer(cfg, max_epochs=cfg.schedule.max_epochs)
+    trainer = instantiate_trainer(cfg, max_epochs=cfg.detection_schedule.max_epochs)
     with closing_loggers(trainer):
         trainer.fit(
             module,

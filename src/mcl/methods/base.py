@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,11 +22,12 @@ from mcl.knn import knn_top1
 from mcl.loss import level_weights as resolve_level_weights
 from mcl.montage import DOWNSCALE_MODES, assemble_montage, check_levels
 from mcl.montage import montage_counts as count_montages
-from mcl.optim import NO_DECAY_RULES, SCHEDULE_SHAPES, learning_rate, parameter_groups, scaled_lr
+from mcl.optim import NO_DECAY_RULES, WarmupCosineLR, check_schedule, parameter_groups, scaled_lr
 from mcl.pyramid import build_neck
 
 log = logging.getLogger(__name__)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
 def check_image_size(image_size: int) -> int:
@@ -86,11 +88,8 @@ class MultiLevelModule(pl.LightningModule):
         downscale_mode: str = "nearest",
         head_convs: int = 4,
         optimizer: OptimizerFactory | None = None,
-        warmup_epochs: float = 10.0,
-        min_lr: float = 1e-4,
+        scheduler: SchedulerFactory | None = None,
         lr_reference_batch: int | None = 256,
-        schedule_shape: str = "warmup_then_cosine",
-        warmup_ratio: float = 1e-4,
         no_decay_rule: str = "ndim",
         weight_init: str = "default",
         knn_k: int = 200,
@@ -117,17 +116,11 @@ class MultiLevelModule(pl.LightningModule):
         self._initial_weight_norm: float | None = None
         self.downscale_mode = downscale_mode
         self.optimizer_factory = optimizer
-        self.warmup_epochs = warmup_epochs
-        self.min_lr = min_lr
+        self.scheduler_factory = scheduler or partial(WarmupCosineLR)
+        check_schedule(**self.scheduler_factory.keywords)  # now rather than when training starts
         self.lr_reference_batch = lr_reference_batch
-        if schedule_shape not in SCHEDULE_SHAPES:
-            raise ValueError(f"scheduler.shape={schedule_shape!r} is invalid: use one of {SCHEDULE_SHAPES}")
-        if not 0 < warmup_ratio <= 1:
-            raise ValueError(f"scheduler.warmup_ratio={warmup_ratio} is invalid: it must be in (0, 1]")
         if no_decay_rule not in NO_DECAY_RULES:
             raise ValueError(f"no_decay_rule={no_decay_rule!r} is invalid: use one of {NO_DECAY_RULES}")
-        self.schedule_shape = schedule_shape
-        self.warmup_ratio = warmup_ratio
         self.no_decay_rule = no_decay_rule
         self.weight_init = check_weight_init(weight_init)
         self.knn_k = knn_k
@@ -234,21 +227,10 @@ class MultiLevelModule(pl.LightningModule):
         if base_lr is None:
             raise ValueError("optimizer.lr is not set")
         lr = scaled_lr(base_lr, self.global_batch_size(), self.lr_reference_batch)
-        if self.min_lr > lr:
-            raise ValueError(f"scheduler.min_lr={self.min_lr} is above the (scaled) learning rate {lr}")
         optimizer = self.optimizer_factory(parameter_groups(self, weight_decay, self.no_decay_rule), lr=lr)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = min(total_steps, math.ceil(self.warmup_epochs * steps_per_epoch))
-
-        def factor(step: int) -> float:
-            """The schedule's lr at ``step`` relative to the optimizer's ``lr``, as LambdaLR wants it."""
-            return (
-                learning_rate(self.schedule_shape, step, total_steps, warmup_steps, lr, self.min_lr, self.warmup_ratio)
-                / lr
-            )
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        schedule = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         self._configured_groups = [
             {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
         ]

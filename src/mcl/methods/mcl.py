@@ -72,7 +72,7 @@ class MCL(MultiLevelModule):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is invalid: use one of {LOSSES}")
         if target_assignment not in TARGET_ASSIGNMENTS:

@@ -44,7 +44,7 @@ class SupervisedMultiLevel(MultiLevelModule):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} is invalid: a classifier needs at least 2 classes")
         if classifier_input not in CLASSIFIER_INPUTS:
