@@ -8,7 +8,7 @@ FMNIST    := /usr/share/datasets/fashion-mnist
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS      ?=
 
-.PHONY: help venv data train test test-fast lint format bench faults transfer clean
+.PHONY: help venv data train test test-fast lint format bench faults transfer notebooks clean
 
 help:
 	@echo "make train   pretrain resnet18 with MCL (3 levels) on Fashion-MNIST, CPU-sized; ARGS='key=value ...'"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench   FLOPs and step-time ratios of levels 1..4 -> benchmarks/results/cost.json"
 	@echo "make faults  kill, rerun and concurrent-run cases against mcl-train -> benchmarks/results/faults.md"
 	@echo "make transfer transfer benchmark: 4 rows x Faster R-CNN fine-tuning, lr grid + 3 seeds each (< 90 min); ARGS=--full"
+	@echo "make notebooks install JupyterLab into the venv (the [notebooks] extra) and open notebooks/"
 	@echo "make clean   remove the venv, outputs and caches"
 
 venv: $(STAMP)
@@ -58,6 +59,10 @@ faults: venv
 
 transfer: venv data
 	$(PY) benchmarks/transfer.py $(ARGS)
+
+notebooks: venv data
+	$(PY) -m pip install --quiet -e ".[dev,notebooks]" -c constraints.txt
+	$(VENV)/bin/jupyter lab notebooks/ $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun lightning_logs wandb .pytest_cache .ruff_cache build src/*.egg-info benchmarks/runs

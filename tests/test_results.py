@@ -102,6 +102,13 @@ def test_wandb_project_rows_from_run_config_and_summary():
     ]
 
 
+def test_collect_wandb_without_a_key_says_how_to_get_one(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no stored key either
+    assert main(["me/mcl", "--wandb"]) == 2
+    assert "--wandb reads runs from the W&B servers and needs an API key: run `wandb login`" in capsys.readouterr().err
+
+
 def test_long_override_lists_get_short_unique_folder_names():
     from mcl.runtime import short_dirname
 

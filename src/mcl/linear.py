@@ -156,7 +156,7 @@ def linear_eval(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     metrics = linear_eval(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
-        print_summary(metrics, ("val/top1", "val/top5", "train/loss"))
+        print_summary(metrics, ("val/top1", "val/top5", "train/loss"), f"mcl-linear: {cfg.checkpoint}")
     return metrics.get("val/top1")
 
 

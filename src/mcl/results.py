@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mcl.runtime import METRICS_FILE
+from mcl.runtime import METRICS_FILE, wandb_has_key
 
 DEFAULT_METRICS = ("init/knn_top1", "val/knn_top1", "val/acc", "val/top1", "val/AP", "train/loss")
 
@@ -210,6 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead")
     args = parser.parse_args(argv)
     metrics = None if args.all_metrics else (args.metric or DEFAULT_METRICS)
+    if args.wandb and not wandb_has_key():
+        print(
+            "mcl-collect: --wandb reads runs from the W&B servers and needs an API key: run `wandb login` or set "
+            "WANDB_API_KEY (offline runs can be synced first with `wandb sync wandb/offline-run-*`)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.wandb:
             frame = collect_wandb(args.source, metrics=metrics, config_keys=args.config or ("levels",))

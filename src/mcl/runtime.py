@@ -156,14 +156,12 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 SUMMARY_LABELS = {"init/knn_top1": "kNN top-1 at initialisation (%)", "val/knn_top1": "kNN top-1 pretrained (%)"}
 
 
-def print_summary(
-    metrics: dict[str, Any], keys: tuple[str, ...] = ("init/knn_top1", "val/knn_top1", "val/acc", "train/loss")
-) -> None:
-    """Print the ``keys`` present in ``metrics`` as a table."""
+def print_summary(metrics: dict[str, Any], keys: tuple[str, ...], title: str) -> None:
+    """Print the ``keys`` present in ``metrics`` as a table headed ``title`` (what ran)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="mcl")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in keys:

@@ -212,7 +212,9 @@ def run_in_folder(
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
-        print_summary(metrics)
+        method = str(cfg.method._target_).rsplit(".", 1)[-1]
+        title = f"{cfg.task_name}: {method}, {cfg.levels} level(s), {cfg.backbone.name}, {cfg.image_size} px"
+        print_summary(metrics, ("init/knn_top1", "val/knn_top1", "val/acc", "train/loss"), title)
     return metrics.get(cfg.get("optimized_metric") or "", None)
 
 

@@ -213,7 +213,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     metrics = finetune(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
-        print_summary(metrics, ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/mask_AP"))
+        keys = ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/mask_AP")
+        source = cfg.model.pretrained or "random initialisation"
+        print_summary(metrics, keys, f"mcl-finetune: {cfg.model.arch} {cfg.model.backbone} from {source}")
     return metrics.get(cfg.get("optimized_metric") or "", None)
 
 
