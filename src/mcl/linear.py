@@ -23,7 +23,14 @@ from torchmetrics.classification import MulticlassAccuracy
 from mcl.backbones import Backbone
 from mcl.export import backbone_state, load_pretraining_checkpoint
 from mcl.optim import warmup_cosine
-from mcl.runtime import closing_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
+from mcl.runtime import (
+    CONFIG_DIR,
+    closing_loggers,
+    instantiate_trainer,
+    print_summary,
+    save_metrics,
+    scalar_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +159,7 @@ def linear_eval(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="linear")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="linear")
 def main(cfg: DictConfig) -> float | None:
     metrics = linear_eval(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:

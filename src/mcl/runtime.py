@@ -6,6 +6,7 @@ Trainer: where the configs are, W&B's mode, loggers, callbacks and the Trainer f
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import logging
 import netrc
 import os
@@ -24,7 +25,8 @@ from mcl.checkpoints import AtomicCheckpointIO
 from mcl.runs import write_json
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).parent / "conf")
+# The Hydra configs: conf/ at the repository root, installed as the package mcl.conf (see pyproject.toml).
+CONFIG_DIR = str(importlib.resources.files("mcl.conf"))
 DIRNAME_LIMIT = 120
 METRICS_FILE = "metrics.json"
 

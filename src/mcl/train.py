@@ -19,6 +19,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from mcl.checkpoints import LAST, load_checkpoint, newest_loadable
 from mcl.runs import STATE_FILE, RunLock, read_json, replaced_atomically, write_json
 from mcl.runtime import (
+    CONFIG_DIR,
     METRICS_FILE,
     closing_loggers,
     instantiate_trainer,
@@ -208,7 +209,7 @@ def run_in_folder(
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:

@@ -30,7 +30,14 @@ from mcl.detection.coco import (
 )
 from mcl.detection.models import build_detector, load_pretrained
 from mcl.distributed import world_size
-from mcl.runtime import closing_loggers, instantiate_trainer, print_summary, save_metrics, scalar_metrics
+from mcl.runtime import (
+    CONFIG_DIR,
+    closing_loggers,
+    instantiate_trainer,
+    print_summary,
+    save_metrics,
+    scalar_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +216,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="finetune")
 def main(cfg: DictConfig) -> float | None:
     metrics = finetune(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
