@@ -19,7 +19,7 @@ from mcl.heads import TileHead, split_tiles
 from mcl.initialization import check_weight_init, official_trunk_init
 from mcl.knn import knn_top1
 from mcl.loss import level_weights as resolve_level_weights
-from mcl.montage import DOWNSCALE_MODES, assemble_montage, check_levels
+from mcl.montage import DOWNSCALE_MODES, assemble_levels, check_levels
 from mcl.montage import montage_counts as count_montages
 from mcl.optim import NO_DECAY_RULES, SCHEDULE_SHAPES, learning_rate, parameter_groups, scaled_lr
 from mcl.pyramid import build_neck
@@ -154,16 +154,9 @@ class MultiLevelModule(pl.LightningModule):
             self._generator.manual_seed(self.seed * 1_000_003 + rank())
         return self._generator
 
-    def montage_counts_for(self, batch_size: int) -> list[int]:
-        return count_montages(self.montage_rule, batch_size, self.levels)
-
     def build_montages(self, views: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``views`` ``(B, levels, C, H, W)``, one view per level -> per level ``(montages, sources)``."""
-        counts = self.montage_counts_for(len(views))
-        return [
-            assemble_montage(views[:, level], level, counts[level], self.downscale_mode, self.generator)
-            for level in range(self.levels)
-        ]
+        return assemble_levels(views, self.levels, self.montage_rule, self.downscale_mode, self.generator)
 
     def check_views(self, views: torch.Tensor, level_axis: int) -> None:
         """Fail early when the data's views do not match the model (count per side, size)."""
