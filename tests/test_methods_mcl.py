@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from mcl.heads import split_tiles
 from mcl.methods import MCL
+from mcl.montage import assemble_levels
 
 from .conftest import small_trunk
 
@@ -38,7 +39,7 @@ def test_total_loss_matches_an_independent_reference(assignment):
     views = torch.randn(batch, 2, 3, 3, 64, 64)
     with torch.no_grad():
         total, logs = model.forward_losses(views)
-        model._generator = None  # replay the same montages
+        model.seed_montages()  # replay the same montages
         sides = [model.build_montages(views[:, side]) for side in range(2)]
         target_net = (model.target_backbone, model.target_neck, model.target_head)
         targets = []  # targets[side][j]: (B, D) unit vectors
@@ -104,11 +105,24 @@ def test_each_rank_draws_its_own_montages(monkeypatch):
     model = small_mcl()
     views = torch.randn(16, 2, 2, 3, 64, 64)
     rank0 = [sources for _, sources in model.build_montages(views[:, 0])]
-    model._generator = None
+    model.seed_montages()
     monkeypatch.setattr("mcl.methods.base.rank", lambda: 1)
     rank1 = [sources for _, sources in model.build_montages(views[:, 0])]
     assert model.generator.initial_seed() == model.seed * 1_000_003 + 1
     assert not torch.equal(rank0[1], rank1[1])
+
+
+def test_seed_montages_replays_the_draws_of_a_generator_with_that_seed():
+    views = torch.randn(16, 2, 3, 64, 64)
+    expected = assemble_levels(views, 2, generator=torch.Generator().manual_seed(7))
+    for run_seed in (0, 1):
+        model = small_mcl(seed=run_seed)
+        model.build_montages(views)
+        model.seed_montages(7)
+        drawn = model.build_montages(views)
+        assert [torch.equal(a, b) for (_, a), (_, b) in zip(drawn, expected, strict=True)] == [True, True]
+    model.seed_montages()
+    assert model.generator.initial_seed() == 1 * 1_000_003  # back to the run's seed (1) on rank 0
 
 
 @pytest.mark.parametrize(
@@ -156,7 +170,7 @@ def test_batches_that_do_not_fill_every_level_still_give_a_finite_loss(assignmen
 
 def replay(model, views):
     """Both sides' montages of ``views``, drawn from a fresh generator so that every call gets the same cells."""
-    model._generator = None
+    model.seed_montages()
     return [model.build_montages(views[:, side]) for side in range(2)]
 
 

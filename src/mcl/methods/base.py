@@ -141,18 +141,25 @@ class MultiLevelModule(pl.LightningModule):
         if self.weight_init == "official":
             official_trunk_init(self.backbone, self.neck, self.head)
         self._generator: torch.Generator | None = None
+        self._montage_seed: int | None = None
         self._knn_features: dict[int, list[torch.Tensor]] = {0: [], 1: []}
         self._knn_labels: dict[int, list[torch.Tensor]] = {0: [], 1: []}
 
     # ----------------------------------------------------------------- montages
     @property
     def generator(self) -> torch.Generator:
-        """Montage randomness: seeded per rank so that ranks draw independent cell orders."""
+        """Montage randomness, on the model's device; see :meth:`seed_montages`."""
         device = torch.device("cpu") if self.device.type == "meta" else self.device  # meta: FLOP counting
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed * 1_000_003 + rank())
+            seed = self.seed * 1_000_003 + rank() if self._montage_seed is None else self._montage_seed
+            self._generator = torch.Generator(device=device).manual_seed(seed)
         return self._generator
+
+    def seed_montages(self, seed: int | None = None) -> None:
+        """Restart the montage draws: from ``seed``, or by default from the run's ``seed`` and this process's rank
+        (so that ranks draw independent cell orders). Montages built after two calls with the same ``seed`` agree."""
+        self._montage_seed = seed
+        self._generator = None
 
     def build_montages(self, views: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``views`` ``(B, levels, C, H, W)``, one view per level -> per level ``(montages, sources)``."""
