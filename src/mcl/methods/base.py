@@ -189,11 +189,6 @@ class MultiLevelModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         images, labels = batch
         self.knn.update(self.pooled_features(images), labels, bank=dataloader_idx == BANK_LOADER)
-        if dataloader_idx == VAL_LOADER:
-            self.validation_extra(images, labels)
-
-    def validation_extra(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Hook for method-specific validation metrics on the labelled validation split."""
 
     def on_validation_epoch_end(self) -> None:
         # Without both loaders (e.g. a validate call on one of them) there is nothing to score.
