@@ -1,4 +1,5 @@
-"""Two processes on the CPU (gloo): global targets and labels, and a Lightning DDP run through the CLI."""
+"""The helpers over ``torch.distributed`` in one process, and two processes on the CPU (gloo): gathered tensors,
+global targets and labels, the gathered kNN monitor, and a Lightning DDP run through the CLI."""
 
 import os
 import socket
@@ -10,9 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mcl import distributed
+from mcl.knn import KNNAccuracy, knn_top1
 from mcl.loss import multi_level_loss
 
-pytestmark = pytest.mark.slow
 WORLD, BATCH, DIM = 2, 4, 8
 
 
@@ -20,6 +22,67 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def spawn(function) -> dict:
+    """Run ``function(rank, port, results)`` in ``WORLD`` processes; returns what they put in ``results``."""
+    results = mp.Manager().dict()
+    mp.spawn(function, args=(free_port(), results), nprocs=WORLD, join=True)
+    return dict(results)
+
+
+def join(rank: int, port: int) -> None:
+    """Join the ``WORLD``-process gloo group as ``rank``."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+
+
+def test_without_a_process_group_there_is_one_rank_and_gathering_is_the_identity():
+    tensor = torch.randn(3, 2)
+    assert (distributed.world_size(), distributed.rank()) == (1, 0)
+    assert distributed.gather_batch(tensor) is tensor
+
+
+def gather_worker(rank: int, port: int, results) -> None:
+    join(rank, port)
+    gathered = distributed.gather_batch(torch.full((2, 3), float(rank), requires_grad=True))
+    results[rank] = (gathered.tolist(), gathered.requires_grad, distributed.world_size(), distributed.rank())
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gather_batch_concatenates_in_rank_order_without_gradient():
+    expected = [[0.0] * 3] * 2 + [[1.0] * 3] * 2
+    assert spawn(gather_worker) == {0: (expected, False, 2, 0), 1: (expected, False, 2, 1)}
+
+
+def knn_example():
+    """120 bank entries and 50 queries of 5 noisy classes; rank 0 holds 70 / 30 of them, rank 1 the rest."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, DIM, generator=generator)
+    bank_labels, query_labels = torch.randint(0, 5, (120,), generator=generator), torch.arange(50) % 5
+    bank = centres[bank_labels] + torch.randn(120, DIM, generator=generator)
+    queries = centres[query_labels] + torch.randn(50, DIM, generator=generator)
+    return queries, query_labels, bank, bank_labels
+
+
+def knn_worker(rank: int, port: int, results) -> None:
+    join(rank, port)
+    queries, query_labels, bank, bank_labels = knn_example()
+    bank_rows, query_rows = (slice(0, 70), slice(0, 30)) if rank == 0 else (slice(70, None), slice(30, None))
+    metric = KNNAccuracy(k=10)
+    metric.update(bank[bank_rows], bank_labels[bank_rows], bank=True)
+    metric.update(queries[query_rows], query_labels[query_rows], bank=False)
+    results[rank] = metric.compute().item()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_knn_monitor_scores_every_ranks_queries_against_the_whole_bank():
+    """Uneven shards: every rank computes the single-process value of all queries against all bank entries."""
+    expected = knn_top1(*knn_example(), k=10)
+    assert 0 < expected < 100
+    results = spawn(knn_worker)
+    assert results == {0: pytest.approx(expected, abs=1e-4), 1: pytest.approx(expected, abs=1e-4)}
 
 
 def example():
@@ -32,7 +95,7 @@ def example():
 
 
 def worker(rank: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    join(rank, port)
     predictions, sources, targets = example()
     local = slice(rank * BATCH, (rank + 1) * BATCH)
     total, _ = multi_level_loss(
@@ -46,6 +109,7 @@ def worker(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_see_all_targets_with_global_labels():
     predictions, sources, targets = example()
     # Single process: every rank's cells, labels shifted to the global index of their image.
@@ -57,12 +121,12 @@ def test_two_ranks_see_all_targets_with_global_labels():
         [0.5, 0.25],
         temperature=0.2,
     )
-    results = mp.Manager().dict()
-    mp.spawn(worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    results = spawn(worker)
     # Each rank averages over its own cells (equal counts), so the mean over ranks is the global loss.
     assert sum(results.values()) / WORLD == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ddp_training_through_the_cli(tmp_path):
     command = [
         sys.executable,

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from mcl.heads import split_tiles
+from mcl.knn import knn_top1
 from mcl.methods import MCL
+from mcl.montage import assemble_levels
 
 from .conftest import small_trunk
 
@@ -38,7 +40,7 @@ def test_total_loss_matches_an_independent_reference(assignment):
     views = torch.randn(batch, 2, 3, 3, 64, 64)
     with torch.no_grad():
         total, logs = model.forward_losses(views)
-        model._generator = None  # replay the same montages
+        model.seed_montages()  # replay the same montages
         sides = [model.build_montages(views[:, side]) for side in range(2)]
         target_net = (model.target_backbone, model.target_neck, model.target_head)
         targets = []  # targets[side][j]: (B, D) unit vectors
@@ -104,11 +106,24 @@ def test_each_rank_draws_its_own_montages(monkeypatch):
     model = small_mcl()
     views = torch.randn(16, 2, 2, 3, 64, 64)
     rank0 = [sources for _, sources in model.build_montages(views[:, 0])]
-    model._generator = None
+    model.seed_montages()
     monkeypatch.setattr("mcl.methods.base.rank", lambda: 1)
     rank1 = [sources for _, sources in model.build_montages(views[:, 0])]
     assert model.generator.initial_seed() == model.seed * 1_000_003 + 1
     assert not torch.equal(rank0[1], rank1[1])
+
+
+def test_seed_montages_replays_the_draws_of_a_generator_with_that_seed():
+    views = torch.randn(16, 2, 3, 64, 64)
+    expected = assemble_levels(views, 2, generator=torch.Generator().manual_seed(7))
+    for run_seed in (0, 1):
+        model = small_mcl(seed=run_seed)
+        model.build_montages(views)
+        model.seed_montages(7)
+        drawn = model.build_montages(views)
+        assert [torch.equal(a, b) for (_, a), (_, b) in zip(drawn, expected, strict=True)] == [True, True]
+    model.seed_montages()
+    assert model.generator.initial_seed() == 1 * 1_000_003  # back to the run's seed (1) on rank 0
 
 
 @pytest.mark.parametrize(
@@ -156,7 +171,7 @@ def test_batches_that_do_not_fill_every_level_still_give_a_finite_loss(assignmen
 
 def replay(model, views):
     """Both sides' montages of ``views``, drawn from a fresh generator so that every call gets the same cells."""
-    model._generator = None
+    model.seed_montages()
     return [model.build_montages(views[:, side]) for side in range(2)]
 
 
@@ -240,3 +255,29 @@ def test_plain_target_grouping_needs_top_targets():
         small_mcl(bn_groups="per_side_plain_target", target_assignment="same-level")
     with pytest.raises(ValueError, match="bn_groups='sides'"):
         small_mcl(bn_groups="sides")
+
+
+def test_validation_logs_the_knn_top1_of_pooled_features_and_resets(monkeypatch):
+    """Bank batches (loader 0) and validation batches (loader 1) feed the kNN monitor; the epoch end logs its top-1
+    and starts over. A validation without the second loader logs nothing."""
+    model = small_mcl(knn_k=5).eval()
+    logged = {}
+    monkeypatch.setattr(model, "log", lambda name, value, **kwargs: logged.update({name: value}))
+    generator = torch.Generator().manual_seed(0)
+    bank, bank_labels = torch.randn(12, 3, 64, 64, generator=generator), torch.arange(12) % 3
+    val, val_labels = torch.randn(6, 3, 64, 64, generator=generator), torch.arange(6) % 3
+    with torch.no_grad():
+        model.on_validation_epoch_start()
+        for batch_idx, rows in enumerate([slice(0, 8), slice(8, 12)]):
+            model.validation_step((bank[rows], bank_labels[rows]), batch_idx, dataloader_idx=0)
+        model.validation_step((val, val_labels), 0, dataloader_idx=1)
+        model.on_validation_epoch_end()
+        expected = knn_top1(model.pooled_features(val), val_labels, model.pooled_features(bank), bank_labels, k=5)
+    assert list(logged) == ["val/knn_top1"]
+    assert logged["val/knn_top1"].item() == pytest.approx(expected, abs=1e-4)
+    assert not model.knn.has_bank_and_queries
+    logged.clear()
+    with torch.no_grad():
+        model.validation_step((bank, bank_labels), 0, dataloader_idx=0)
+        model.on_validation_epoch_end()
+    assert logged == {} and not model.knn.has_bank_and_queries

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from mcl.methods import SupervisedMultiLevel
+from mcl.methods.base import level_cells
 from mcl.methods.supervised import assemble_labels
-from mcl.montage import assemble_montage
+from mcl.montage import assemble_levels, assemble_montage
 
 from .conftest import small_trunk
 
@@ -37,7 +38,7 @@ def test_loss_equals_the_weighted_cross_entropy_reference():
     labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         total, logs = model.forward_losses(views, labels)
-        model._generator = None
+        model.seed_montages()  # replay the same montages
         montages = model.build_montages(views)
         expected = 0.0
         for level, weight in enumerate([0.5, 0.25, 0.125]):
@@ -112,3 +113,24 @@ def test_plain_supervised_learns_and_needs_one_level():
         small_supervised(levels=3, classifier_input="pooled_c5")
     with pytest.raises(ValueError, match="classifier_input='c5' is invalid"):
         small_supervised(levels=1, classifier_input="c5")
+
+
+def test_validation_logs_accuracy_on_plain_images_and_on_montages_of_the_run_seed(monkeypatch):
+    """Validation batches (loader 1) log ``val/acc`` on the plain images and ``val/acc_level{s}`` on montages drawn
+    from the run's seed; bank batches (loader 0) only feed the kNN monitor."""
+    model = small_supervised(levels=2, seed=3).eval()
+    logged = {}
+    monkeypatch.setattr(model, "log", lambda name, value, **kwargs: logged.update({name: value.item()}))
+    images, labels = torch.randn(8, 3, 64, 64), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    with torch.no_grad():
+        model.validation_step((images, labels), 0, dataloader_idx=0)
+        assert logged == {}
+        model.validation_step((images, labels), 0, dataloader_idx=1)
+        montages = assemble_levels(images, 2, generator=torch.Generator().manual_seed(3))
+        plain = model.classifier(level_cells([images], model.backbone, model.neck, model.head)[0])
+        level1 = model.level_logits(montages, labels)[1]
+    expected = {
+        "val/acc": (plain.argmax(1) == labels).float().mean().item() * 100,
+        "val/acc_level1": (level1[0].argmax(1) == level1[1]).float().mean().item() * 100,
+    }
+    assert logged == pytest.approx({**expected, "val/acc_level0": expected["val/acc"]})

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mcl.montage import assemble_montage, check_levels, downscale, montage_counts
+from mcl.montage import assemble_levels, assemble_montage, check_levels, downscale, montage_counts
 
 
 def numbered_images(batch: int, size: int = 32) -> torch.Tensor:
@@ -108,3 +108,26 @@ def test_bad_montage_arguments():
         assemble_montage(torch.zeros(2, 3, 30, 30), 2, 1)
     with pytest.raises(ValueError, match="level=4"):
         assemble_montage(numbered_images(2), 4, 1)
+
+
+@pytest.mark.parametrize("one_view_per_level", [True, False])
+def test_assemble_levels_draws_level_after_level_from_one_generator(one_view_per_level):
+    """Level i of ``assemble_levels`` is ``assemble_montage`` of level i's views with the generator as the earlier
+    levels left it; ``(B, C, H, W)`` views serve every level."""
+    views = torch.randn(8, 3, 3, 32, 32) if one_view_per_level else numbered_images(8)
+    per_level = assemble_levels(views, 3, "paper", "area", torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    for level, ((montages, sources), count) in enumerate(zip(per_level, [8, 2, 1], strict=True)):
+        level_views = views[:, level] if one_view_per_level else views
+        expected_montages, expected_sources = assemble_montage(level_views, level, count, "area", generator)
+        assert montages.shape == (count, 3, 32, 32) and sources.shape == (count, 2**level, 2**level)
+        assert torch.equal(sources, expected_sources) and torch.equal(montages, expected_montages)
+
+
+def test_assemble_levels_follows_the_count_rule_and_checks_the_view_count():
+    per_level = assemble_levels(numbered_images(16), 4, [3, 2, 2, 1])
+    assert [len(montages) for montages, _ in per_level] == [3, 2, 2, 1]
+    with pytest.raises(ValueError, match=r"hold 2 views per image but levels=3"):
+        assemble_levels(torch.zeros(4, 2, 3, 32, 32), 3)
+    with pytest.raises(ValueError, match=r"views must be \(B, levels, C, H, W\) or \(B, C, H, W\)"):
+        assemble_levels(torch.zeros(3, 32, 32), 1)

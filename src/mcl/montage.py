@@ -122,3 +122,31 @@ def assemble_montage(
         .reshape(num_montages, channels, height, width)
     )
     return montages, sources.view(num_montages, grid, grid)
+
+
+def assemble_levels(
+    views: torch.Tensor,
+    levels: int,
+    rule: str | Sequence[int] = "paper",
+    mode: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Montages of every level ``0..levels-1``, as many per level as ``rule`` gives (see :func:`montage_counts`).
+
+    Args:
+        views: ``(B, levels, C, H, W)``, one view per level as in training, or ``(B, C, H, W)``, the same views at
+            every level.
+        generator: draws the cells of level 0, then level 1, ...; the same seed gives the same montages.
+
+    Returns:
+        Per level, ``(montages (M_i, C, H, W), sources (M_i, 2**i, 2**i))`` as :func:`assemble_montage` gives them.
+    """
+    if views.ndim not in (4, 5):
+        raise ValueError(f"views must be (B, levels, C, H, W) or (B, C, H, W), got shape {tuple(views.shape)}")
+    if views.ndim == 5 and views.shape[1] != levels:
+        raise ValueError(
+            f"views of shape {tuple(views.shape)} hold {views.shape[1]} views per image but levels={levels}"
+        )
+    counts = montage_counts(rule, len(views), levels)
+    per_level = views.unbind(1) if views.ndim == 5 else [views] * levels
+    return [assemble_montage(per_level[level], level, counts[level], mode, generator) for level in range(levels)]

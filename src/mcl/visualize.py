@@ -7,8 +7,6 @@ from collections.abc import Sequence
 import torch
 from matplotlib.figure import Figure
 
-from mcl.montage import assemble_montage, montage_counts
-
 
 def to_display(images: torch.Tensor) -> torch.Tensor:
     """``(N, C, H, W)`` in any range -> ``(N, H, W, C)`` in ``[0, 1]``, each image stretched to its own range."""
@@ -16,21 +14,6 @@ def to_display(images: torch.Tensor) -> torch.Tensor:
     low, high = flat.min(1).values, flat.max(1).values
     scaled = (images.float() - low.view(-1, 1, 1, 1)) / (high - low).clamp_min(1e-8).view(-1, 1, 1, 1)
     return scaled.permute(0, 2, 3, 1).cpu()
-
-
-def level_montages(
-    views: torch.Tensor,
-    levels: int,
-    rule: str | Sequence[int] = "paper",
-    mode: str = "nearest",
-    seed: int = 0,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(montages, sources)`` per level for one side's views: ``(B, levels, C, H, W)``, one view per level as in
-    training, or ``(B, C, H, W)``, the same view at every level."""
-    generator = torch.Generator().manual_seed(seed)
-    counts = montage_counts(rule, len(views), levels)
-    per_level = views.unbind(1) if views.ndim == 5 else [views] * levels
-    return [assemble_montage(per_level[level], level, counts[level], mode, generator) for level in range(levels)]
 
 
 def montage_figure(

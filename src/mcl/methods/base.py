@@ -11,16 +11,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mcl.backbones import PYRAMID_STRIDES, Backbone
-from mcl.distributed import gather_batch, rank
+from mcl.distributed import rank
 from mcl.heads import TileHead, split_tiles
 from mcl.initialization import check_weight_init, official_trunk_init
-from mcl.knn import knn_top1
+from mcl.knn import KNNAccuracy
 from mcl.loss import level_weights as resolve_level_weights
-from mcl.montage import DOWNSCALE_MODES, assemble_montage, check_levels
+from mcl.montage import DOWNSCALE_MODES, assemble_levels, check_levels
 from mcl.montage import montage_counts as count_montages
 from mcl.optim import NO_DECAY_RULES, WarmupCosineLR, check_schedule, parameter_groups, scaled_lr
 from mcl.pyramid import build_neck
@@ -28,6 +27,8 @@ from mcl.pyramid import build_neck
 log = logging.getLogger(__name__)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+# The validation loaders, in the order the datamodules return them: the labelled kNN bank, the validation split.
+BANK_LOADER, VAL_LOADER = 0, 1
 
 
 def check_image_size(image_size: int) -> int:
@@ -74,7 +75,8 @@ class MultiLevelModule(pl.LightningModule):
     """Base LightningModule: network trunk, montages, optimisation and the kNN monitor.
 
     Subclasses implement ``training_step``. Validation batches come from two loaders: the labelled kNN bank
-    (``dataloader_idx=0``) and the labelled validation split (``dataloader_idx=1``).
+    (``dataloader_idx=BANK_LOADER``) and the labelled validation split (``dataloader_idx=VAL_LOADER``); the
+    :class:`~mcl.knn.KNNAccuracy` submodule ``knn`` collects their pooled features and gives ``val/knn_top1``.
     """
 
     def __init__(
@@ -123,8 +125,7 @@ class MultiLevelModule(pl.LightningModule):
             raise ValueError(f"no_decay_rule={no_decay_rule!r} is invalid: use one of {NO_DECAY_RULES}")
         self.no_decay_rule = no_decay_rule
         self.weight_init = check_weight_init(weight_init)
-        self.knn_k = knn_k
-        self.knn_temperature = knn_temperature
+        self.knn = KNNAccuracy(knn_k, knn_temperature)
         self.seed = seed
 
         self.backbone = Backbone(**backbone, image_size=image_size)
@@ -134,29 +135,27 @@ class MultiLevelModule(pl.LightningModule):
         if self.weight_init == "official":
             official_trunk_init(self.backbone, self.neck, self.head)
         self._generator: torch.Generator | None = None
-        self._knn_features: dict[int, list[torch.Tensor]] = {0: [], 1: []}
-        self._knn_labels: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+        self._montage_seed: int | None = None
 
     # ----------------------------------------------------------------- montages
     @property
     def generator(self) -> torch.Generator:
-        """Montage randomness: seeded per rank so that ranks draw independent cell orders."""
+        """Montage randomness, on the model's device; see :meth:`seed_montages`."""
         device = torch.device("cpu") if self.device.type == "meta" else self.device  # meta: FLOP counting
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed * 1_000_003 + rank())
+            seed = self.seed * 1_000_003 + rank() if self._montage_seed is None else self._montage_seed
+            self._generator = torch.Generator(device=device).manual_seed(seed)
         return self._generator
 
-    def montage_counts_for(self, batch_size: int) -> list[int]:
-        return count_montages(self.montage_rule, batch_size, self.levels)
+    def seed_montages(self, seed: int | None = None) -> None:
+        """Restart the montage draws: from ``seed``, or by default from the run's ``seed`` and this process's rank
+        (so that ranks draw independent cell orders). Montages built after two calls with the same ``seed`` agree."""
+        self._montage_seed = seed
+        self._generator = None
 
     def build_montages(self, views: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``views`` ``(B, levels, C, H, W)``, one view per level -> per level ``(montages, sources)``."""
-        counts = self.montage_counts_for(len(views))
-        return [
-            assemble_montage(views[:, level], level, counts[level], self.downscale_mode, self.generator)
-            for level in range(self.levels)
-        ]
+        return assemble_levels(views, self.levels, self.montage_rule, self.downscale_mode, self.generator)
 
     def check_views(self, views: torch.Tensor, level_axis: int) -> None:
         """Fail early when the data's views do not match the model (count per side, size)."""
@@ -178,38 +177,19 @@ class MultiLevelModule(pl.LightningModule):
 
     # -------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        for store in (self._knn_features, self._knn_labels):
-            store[0].clear()
-            store[1].clear()
+        self.knn.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         images, labels = batch
-        self._knn_features[dataloader_idx].append(F.normalize(self.pooled_features(images).float(), dim=1))
-        self._knn_labels[dataloader_idx].append(labels)
-        if dataloader_idx == 1:
-            self.validation_extra(images, labels)
-
-    def validation_extra(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Hook for method-specific validation metrics on the labelled validation split."""
-
-    @staticmethod
-    def _gathered(store: dict[int, list[torch.Tensor]], index: int) -> torch.Tensor:
-        return gather_batch(torch.cat(store[index]))
+        self.knn.update(self.pooled_features(images), labels, bank=dataloader_idx == BANK_LOADER)
 
     def on_validation_epoch_end(self) -> None:
-        if not self._knn_features[0] or not self._knn_features[1]:
-            return
-        accuracy = knn_top1(
-            self._gathered(self._knn_features, 1),
-            self._gathered(self._knn_labels, 1),
-            self._gathered(self._knn_features, 0),
-            self._gathered(self._knn_labels, 0),
-            k=self.knn_k,
-            temperature=self.knn_temperature,
-        )
-        # Every rank holds the gathered features, so every rank logs the same value (checkpointing needs it on all).
-        self.log("val/knn_top1", accuracy, prog_bar=True)
-        self.on_validation_epoch_start()
+        # Without both loaders (e.g. a validate call on one of them) there is nothing to score.
+        if self.knn.has_bank_and_queries:
+            # The metric gathers every rank's features, so every rank logs the same value (checkpointing needs it on
+            # all of them).
+            self.log("val/knn_top1", self.knn.compute(), prog_bar=True)
+        self.knn.reset()
 
     # ------------------------------------------------------------ optimisation
     def global_batch_size(self) -> int:

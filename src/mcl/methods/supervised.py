@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcl.methods.base import MultiLevelModule, level_cells
-from mcl.montage import assemble_montage
+from mcl.methods.base import VAL_LOADER, MultiLevelModule, level_cells
+from mcl.montage import assemble_levels
 
 # What the classifier reads: every montage cell's tile-head feature, or the pooled C5 of whole views (levels=1).
 CLASSIFIER_INPUTS = ("tiles", "pooled_c5")
@@ -109,15 +109,17 @@ class SupervisedMultiLevel(MultiLevelModule):
         self.log_dict({f"train/{name}": value for name, value in logs.items()})
         return loss
 
-    def validation_extra(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """``val/acc`` on the plain images and ``val/acc_level{s}`` on level-s montages of the same images."""
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        super().validation_step(batch, batch_idx, dataloader_idx)
+        if dataloader_idx == VAL_LOADER:
+            self.log_level_accuracy(*batch)
+
+    def log_level_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """``val/acc`` on the plain images and ``val/acc_level{s}`` on level-s montages of the same images, drawn
+        from the run's ``seed`` afresh for every batch (the same montages at every validation)."""
         self.check_labels(labels)
         generator = torch.Generator(device=images.device).manual_seed(self.seed)
-        counts = self.montage_counts_for(len(images))
-        montages = [
-            assemble_montage(images, level, counts[level], self.downscale_mode, generator)
-            for level in range(self.levels)
-        ]
+        montages = assemble_levels(images, self.levels, self.montage_rule, self.downscale_mode, generator)
         montages[0] = (images, torch.arange(len(images), device=images.device).view(-1, 1, 1))
         for level, (logits, cell_labels) in enumerate(self.level_logits(montages, labels)):
             accuracy = (logits.argmax(1) == cell_labels).float().mean() * 100
