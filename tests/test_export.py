@@ -44,7 +44,7 @@ def test_backbone_export_loads_into_timm_and_torchvision(tmp_path, method):
     model = cls(**small_trunk(3, **extra))
     checkpoint = save_checkpoint(model, tmp_path / "model.ckpt")
     for fmt, target in (("timm", timm.create_model("resnet18")), ("torchvision", torchvision.models.resnet18())):
-        weights = torch.load(export(checkpoint, fmt, tmp_path / f"{fmt}.pth"))
+        weights = torch.load(export(checkpoint, fmt, tmp_path / "export" / f"{fmt}.pth"))  # creates the folder
         assert load(target, weights) == ({"fc.weight", "fc.bias"}, set())
         assert torch.equal(target.layer3[1].conv2.weight, model.backbone.model.layer3[1].conv2.weight)
 

@@ -171,6 +171,7 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path) -> Path:
         raise NotADirectoryError(f"--output {output}: {blocking} is a file, not a folder")
     if output.is_dir():
         raise IsADirectoryError(f"--output {output} is a folder; name the file to write")
+    output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "detectron2":
         with replaced_atomically(output) as temporary, open(temporary, "wb") as handle:
             pickle.dump(weights, handle)
