@@ -4,8 +4,12 @@ Every row pretrains a ResNet-18 on the same Fashion-MNIST images for the same nu
 is measured frozen (kNN and linear-probe top-1), and then fine-tunes the same Faster R-CNN R18-FPN v2 on canvases
 of Fashion-MNIST items pasted at widely varying scales, under one protocol:
 
-- every stage trainable, BatchNorm everywhere (backbone, FPN, box head) trained with batch statistics, as the
-  SyncBN detection configs of the SSL literature do; the input normalised as in pretraining;
+- the same trainable parts for every row: by default the backbone frozen as pretrained (``--frozen-stages 5``: what
+  the representation gives a detector; a supervised control on the canvases' own items beats random weights here)
+  with the FPN, RPN and box head trained; ``--frozen-stages 0`` trains every stage as the SSL detection configs do
+  (on these 360 canvases random weights learn the items as fast as pretrained ones: see docs/transfer.md);
+- BatchNorm everywhere (backbone, FPN, box head) normalising with batch statistics, as the SyncBN detection configs
+  of the SSL literature do; the input normalised as in pretraining;
 - a learning rate chosen per row from a grid, by AP on a held-out part of the training canvases (never on the
   validation canvases), with fine-tuning seed 0;
 - then ``--seeds`` fine-tunings at that rate on all training canvases, evaluated on the validation canvases, with
@@ -13,8 +17,8 @@ of Fashion-MNIST items pasted at widely varying scales, under one protocol:
 
 A row is called better than random initialisation only when its mean AP exceeds it by more than twice the combined
 standard error of the two means. Every finished run is cached under ``benchmarks/runs`` by its settings, so an
-interrupted benchmark resumes where it stopped. Writes ``benchmarks/results/transfer{,_full,_large}.md`` and
-``.json`` and the AP-by-IoU plot with seed spread (the paper's Fig. 6 on this data).
+interrupted benchmark resumes where it stopped. Writes ``benchmarks/results/transfer{,_full,_large,_<tag>}.md``
+and ``.json`` and the AP-by-IoU plot with seed spread (the paper's Fig. 6 on this data).
 """
 
 from __future__ import annotations
@@ -520,9 +524,9 @@ def main() -> None:
     first_run = results[BASELINE]["pretrainings"][0]["runs"][0]
     spread = object_scale_spread(data["val"])
     minutes = (time.perf_counter() - started) / 60
-    table = markdown(results, s, name, spread, first_run["area_ranges"], minutes, pixels)
     if args.tag:
         name = args.tag
+    table = markdown(results, s, name, spread, first_run["area_ranges"], minutes, pixels)
     suffix = "" if name == "default" else f"_{name}"
     results_dir = args.results
     results_dir.mkdir(parents=True, exist_ok=True)
