@@ -18,7 +18,7 @@ from mcl.distributed import gather_batch, rank
 from mcl.heads import TileHead, split_tiles
 from mcl.initialization import check_weight_init, official_trunk_init
 from mcl.knn import knn_top1
-from mcl.loss import level_weights as resolve_level_weights
+from mcl.loss import resolve_level_weights
 from mcl.montage import DOWNSCALE_MODES, assemble_montage, check_levels
 from mcl.montage import montage_counts as count_montages
 from mcl.optim import NO_DECAY_RULES, SCHEDULE_SHAPES, learning_rate, parameter_groups, scaled_lr
