@@ -5,13 +5,17 @@ import torch
 import torch.nn.functional as F
 
 from mcl.heads import split_tiles
+from mcl.loss import MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.methods import MCL
 
 from .conftest import small_trunk
 
 
-def small_mcl(levels=2, **kwargs):
-    return MCL(**small_trunk(levels, **{"projector_hidden_dim": 32, "embedding_dim": 16, **kwargs}))
+def small_mcl(levels=2, target_assignment="top", temperature=1.0, **kwargs):
+    """A small MCL (16-channel pyramid, 16-d embeddings) whose loss is MultiLevelInfoNCE with paper weights and the
+    given ``target_assignment`` and ``temperature``."""
+    loss = MultiLevelInfoNCE(levels, temperature=temperature, target_assignment=target_assignment)
+    return MCL(**small_trunk(levels, **{"projector_hidden_dim": 32, "embedding_dim": 16, "loss": loss, **kwargs}))
 
 
 def reference_cells(backbone, neck, head, montages, level, tile=2):
@@ -118,18 +122,35 @@ def test_each_rank_draws_its_own_montages(monkeypatch):
         ({"levels": 0}, "levels=0"),
         ({"image_size": 65}, "image_size=65"),
         ({"image_size": 16}, "image_size=16"),
-        ({"level_weights": [0.5, 0.5, 0.5]}, "level_weights="),
         ({"montage_counts": [16]}, "montage_counts="),
-        ({"loss": "mse"}, "loss='mse'"),
         ({"target_assignment": "bottom"}, "target_assignment='bottom'"),
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"downscale_mode": "cubic"}, "downscale_mode='cubic'"),
         ({"base_momentum": 1.5}, "base_momentum=1.5"),
+        ({"loss": MultiLevelInfoNCE(3)}, "loss.levels=3 but levels=2"),
+        ({"loss": MultiLevelCrossEntropy(2)}, "MCL needs a MultiLevelContrastiveLoss loss .loss=infonce or loss=byol."),
     ],
 )
 def test_bad_configuration_is_rejected_with_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
         small_mcl(**kwargs)
+
+
+def test_the_loss_module_is_a_setting_of_the_model_not_a_weight():
+    """The loss holds the level weights, temperature and target assignment; the hyper-parameters keep its config
+    (plain values, loadable with weights_only) and the state dict has nothing of it."""
+    model = small_mcl(levels=3, target_assignment="same-level", temperature=0.5)
+    assert model.loss.level_weights == [0.5, 0.25, 0.125]
+    assert model.hparams["loss"] == {
+        "_target_": "mcl.loss.MultiLevelInfoNCE",
+        "levels": 3,
+        "level_weights": [0.5, 0.25, 0.125],
+        "target_assignment": "same-level",
+        "temperature": 0.5,
+    }
+    assert not any(key.startswith("loss.") for key in model.state_dict())
+    default = MCL(**small_trunk(2))
+    assert isinstance(default.loss, MultiLevelInfoNCE) and default.loss.settings() == MultiLevelInfoNCE(2).settings()
 
 
 def test_views_that_do_not_match_the_model_are_rejected():
@@ -236,7 +257,7 @@ def test_groupings_agree_in_eval_mode(assignment):
 
 
 def test_plain_target_grouping_needs_top_targets():
-    with pytest.raises(ValueError, match="bn_groups=per_side_plain_target needs target_assignment=top"):
+    with pytest.raises(ValueError, match="bn_groups=per_side_plain_target needs loss.target_assignment=top"):
         small_mcl(bn_groups="per_side_plain_target", target_assignment="same-level")
     with pytest.raises(ValueError, match="bn_groups='sides'"):
         small_mcl(bn_groups="sides")
