@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from mcl.heads import split_tiles
 from mcl.loss import MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.methods import MCL
+from mcl.methods.mcl import cell_sources
 
 from .conftest import small_trunk
 
@@ -188,6 +189,40 @@ def with_side_replaced(montages, side, level=None):
         if level is None or lvl == level:
             copy[side][lvl] = (torch.randn_like(images), sources)
     return copy
+
+
+# B = 20 with the paper rule: 20, 5 and 1 montages per side at levels 0, 1 and 2, so 20, 20 and 16 cells.
+CELLS_OF_20 = (20, 20, 16)
+
+
+@pytest.mark.parametrize("bn_groups", ["per_side", "joint"])
+def test_online_pass_gives_every_cell_a_prediction_keyed_by_side_and_level(bn_groups):
+    model = small_mcl(levels=3, bn_groups=bn_groups)
+    montages = replay(model, torch.randn(20, 2, 3, 3, 64, 64))
+    with torch.no_grad():
+        predictions = model.online_pass(montages)
+    expected = {(side, level): (cells, 16) for side in (0, 1) for level, cells in enumerate(CELLS_OF_20)}
+    assert {key: tuple(value.shape) for key, value in predictions.items()} == expected
+    assert {key: (len(value), 16) for key, value in cell_sources(montages).items()} == expected
+
+
+@pytest.mark.parametrize(("assignment", "target_levels"), [("top", 1), ("same-level", 3), ("all-levels", 3)])
+def test_target_pass_gives_every_image_a_target_keyed_by_side_and_target_level(assignment, target_levels):
+    """``top``: the plain views' level-0 embeddings only. Otherwise one target per image and level, and the images of
+    no cell at a level masked out: level 2's one 4x4 montage shows 16 of the 20 images."""
+    model = small_mcl(levels=3, target_assignment=assignment)
+    views = torch.randn(20, 2, 3, 3, 64, 64)
+    targets, present = model.target_pass(views, replay(model, views))
+    keys = {(side, level) for side in (0, 1) for level in range(target_levels)}
+    assert set(targets) == keys and all(value.shape == (20, 16) for value in targets.values())
+    assert not any(value.requires_grad for value in targets.values())
+    if assignment == "top":
+        assert present is None
+        return
+    assert set(present) == keys and all(
+        value.shape == (20,) and value.dtype == torch.bool for value in present.values()
+    )
+    assert [int(present[side, level].sum()) for side in (0, 1) for level in range(3)] == [20, 20, 16] * 2
 
 
 @pytest.mark.parametrize("bn_groups", ["per_side", "per_side_plain_target", "joint"])
