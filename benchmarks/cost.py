@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from mcl.loss import MultiLevelInfoNCE
 from mcl.methods import MCL
 from mcl.methods.mcl import BN_GROUPS
 from mcl.momentum import ema_update
@@ -99,7 +100,7 @@ def build_model(setting: Setting, levels: int, bn_groups: str = "per_side") -> M
         image_size=setting.image_size,
         levels=levels,
         montage_counts="paper",
-        level_weights="paper",
+        loss=MultiLevelInfoNCE(levels, level_weights="paper"),
         bn_groups=bn_groups,
     )
 

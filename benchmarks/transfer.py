@@ -72,7 +72,7 @@ ROWS: dict[str, list[str] | None] = {
     "supervised multi-level": ["method=supervised", "levels=3"],
     "MCL, 1 level": ["levels=1"],
     "MCL, 3 levels": ["levels=3"],
-    "MCL, 3 levels, same-level": ["levels=3", "method.target_assignment=same-level"],
+    "MCL, 3 levels, same-level": ["levels=3", "loss.target_assignment=same-level"],
 }
 DEFAULT_ROWS = (BASELINE, "supervised", "MCL, 1 level", "MCL, 3 levels")
 SETTINGS = {

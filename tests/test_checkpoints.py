@@ -18,7 +18,12 @@ from mcl.checkpoints import (
     atomic_save,
     load_checkpoint,
     newest_loadable,
+    split_loss_hyperparameters,
 )
+from mcl.loss import MultiLevelBYOL, MultiLevelCrossEntropy, MultiLevelInfoNCE
+from mcl.methods import MCL, SupervisedMultiLevel
+
+from .conftest import small_trunk
 
 
 class StepsAtEpochEnd(pl.Callback):
@@ -153,3 +158,98 @@ def test_resume_falls_back_to_the_newest_loadable_checkpoint(tmp_path, caplog):
     assert newest_loadable(tmp_path) == older
     older.unlink()
     assert newest_loadable(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("saved", "default", "expected"),
+    [
+        (  # the self-supervised method, before the loss config group
+            {
+                "levels": 2,
+                "loss": "infonce",
+                "temperature": 0.5,
+                "target_assignment": "same-level",
+                "level_weights": "official",
+            },
+            MultiLevelInfoNCE,
+            {
+                "_target_": "mcl.loss.MultiLevelInfoNCE",
+                "level_weights": "official",
+                "temperature": 0.5,
+                "target_assignment": "same-level",
+            },
+        ),
+        (  # BYOL never used its saved temperature
+            {"levels": 2, "loss": "byol", "temperature": 1.0, "target_assignment": "top"},
+            MultiLevelInfoNCE,
+            {"_target_": "mcl.loss.MultiLevelBYOL", "target_assignment": "top"},
+        ),
+        (  # the supervised method named no loss
+            {"levels": 2, "num_classes": 5, "label_smoothing": 0.1, "level_weights": [0.6, 0.4]},
+            MultiLevelCrossEntropy,
+            {"_target_": "mcl.loss.MultiLevelCrossEntropy", "level_weights": [0.6, 0.4], "label_smoothing": 0.1},
+        ),
+        (  # settings left at their defaults were not saved
+            {"levels": 2},
+            MultiLevelInfoNCE,
+            {"_target_": "mcl.loss.MultiLevelInfoNCE"},
+        ),
+        (  # saved since: the loss's own config
+            {"levels": 2, "loss": {"_target_": "mcl.loss.MultiLevelBYOL", "levels": 2, "level_weights": [1.0, 0.5]}},
+            MultiLevelInfoNCE,
+            {"_target_": "mcl.loss.MultiLevelBYOL", "levels": 2, "level_weights": [1.0, 0.5]},
+        ),
+    ],
+)
+def test_saved_loss_settings_become_the_loss_config(saved, default, expected):
+    method, loss = split_loss_hyperparameters(saved, default)
+    assert loss == expected
+    assert method == {key: value for key, value in saved.items() if key in ("levels", "num_classes")}
+
+
+def test_an_unknown_saved_loss_is_named():
+    with pytest.raises(
+        CheckpointError, match="the checkpoint's loss='mse' is unknown: use one of \\['byol', 'infonce'\\]"
+    ):
+        split_loss_hyperparameters({"loss": "mse"}, MultiLevelInfoNCE)
+
+
+def save_method(model, path, hyper_parameters=None):
+    """A checkpoint as Lightning writes it, as far as loading a model reads it."""
+    hparams = dict(model.hparams) if hyper_parameters is None else hyper_parameters
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, path)
+    return path
+
+
+def legacy_hyperparameters(model):
+    """The model's hyper-parameters as checkpoints saved them when the method held the loss and schedule settings."""
+    hparams = {key: value for key, value in model.hparams.items() if key != "loss"}
+    hparams.update(warmup_epochs=10.0, min_lr=1e-4, schedule_shape="official", warmup_ratio=1e-4)
+    settings = {key: value for key, value in model.loss.settings().items() if key != "levels"}
+    if isinstance(model.loss, MultiLevelCrossEntropy):
+        return {**hparams, **settings}
+    return {**hparams, **settings, "loss": model.loss.objective, "temperature": model.loss.temperature}
+
+
+@pytest.mark.parametrize(
+    ("method", "loss"),
+    [
+        (MCL, MultiLevelInfoNCE(2, [0.6, 0.4], temperature=0.5, target_assignment="same-level")),
+        (MCL, MultiLevelBYOL(2, "official", target_assignment="all-levels")),
+        (SupervisedMultiLevel, MultiLevelCrossEntropy(2, "official", label_smoothing=0.1)),
+    ],
+)
+@pytest.mark.parametrize("layout", ["current", "legacy"])
+def test_models_load_from_checkpoints_with_their_loss(tmp_path, method, loss, layout):
+    """A checkpoint's model comes back with the same weights and the same loss, also from a checkpoint saved when
+    the method held the loss settings among its hyper-parameters."""
+    model = method(**small_trunk(2, loss=loss))
+    saved = legacy_hyperparameters(model) if layout == "legacy" else None
+    path = save_method(model, tmp_path / "model.ckpt", saved)
+    assert all(not isinstance(value, torch.nn.Module) for value in load_checkpoint(path)["hyper_parameters"].values())
+    loaded = method.load_from_checkpoint(path)
+    assert type(loaded.loss) is type(loss) and loaded.loss.settings() == loss.settings()
+    assert loaded.hparams["loss"] == loss.config()
+    state = model.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(value, state[key]) for key, value in loaded.state_dict().items())

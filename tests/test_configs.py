@@ -5,11 +5,14 @@ from pathlib import Path
 import hydra
 import pytest
 import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 
+from mcl.loss import MultiLevelBYOL, MultiLevelCrossEntropy, MultiLevelInfoNCE, multi_level_loss
+from mcl.methods.mcl import cell_sources
 from mcl.runtime import CONFIG_DIR, instantiate_callbacks, instantiate_loggers
 
-from .conftest import TINY, compose_train
+from .conftest import SMALL_MCL, TINY, compose_train
 
 
 def options(group: str) -> list[str]:
@@ -20,14 +23,16 @@ def test_default_config_is_the_cpu_fashion_mnist_run():
     cfg = compose_train()
     assert cfg.levels == 3 and cfg.image_size == 64 and cfg.backbone.name == "resnet18"
     assert cfg.data._target_.endswith("FashionMNISTDataModule")
-    assert cfg.method.level_weights == "paper" and cfg.method.montage_counts == "paper"
-    assert cfg.data.views_per_side == 3 and cfg.method.levels == 3
+    assert cfg.loss.level_weights == "paper" and cfg.method.montage_counts == "paper"
+    assert cfg.loss._target_ == "mcl.loss.MultiLevelInfoNCE" and cfg.loss.temperature == 1.0
+    assert cfg.loss.target_assignment == "top" and cfg.method.loss == cfg.loss
+    assert cfg.data.views_per_side == 3 and cfg.method.levels == 3 and cfg.loss.levels == 3
 
 
 def test_official_preset_is_the_released_code():
     cfg = compose_train(["preset=official"])
-    assert cfg.levels == 4 and cfg.method.levels == 4 and cfg.data.views_per_side == 4
-    assert cfg.method.montage_counts == "official" and cfg.method.level_weights == "official"
+    assert cfg.levels == 4 and cfg.method.levels == 4 and cfg.data.views_per_side == 4 and cfg.loss.levels == 4
+    assert cfg.method.montage_counts == "official" and cfg.loss.level_weights == "official"
     assert cfg.method.bn_groups == "per_side" and cfg.scheduler.shape == "official"
     assert cfg.optimizer._target_ == "mcl.optim.Lars" and cfg.optimizer.lr_in_momentum is True
     assert cfg.method.no_decay_rule == "official" and cfg.method.weight_init == "official"
@@ -44,11 +49,69 @@ def test_paper_preset_shares_cells_batchnorm_groups_and_schedule_with_the_releas
     assert cfg.method.no_decay_rule == "ndim" and cfg.method.weight_init == "default"
 
 
+# What the presets computed when the method held the loss settings: (level weights, loss, temperature, assignment).
+PRESET_LOSSES = {
+    "paper": ([0.5, 0.25, 0.125], "infonce", 1.0, "top"),
+    "official": ([0.5, 0.25, 0.125, 0.125], "infonce", 1.0, "top"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_LOSSES))
+def test_presets_compute_the_loss_they_computed_before_it_was_a_module(preset):
+    """The composed preset's loss module gives the total and logs of the functional loss called with the settings
+    that the preset passed to it before the ``loss`` config group, on the same online and target passes."""
+    cfg = compose_train([f"preset={preset}", "neck.out_channels=16", *SMALL_MCL])
+    torch.manual_seed(0)
+    model = hydra.utils.instantiate(cfg.method, _convert_="all")
+    weights, objective, temperature, assignment = PRESET_LOSSES[preset]
+    levels = len(weights)
+    views = torch.randn(16, 2, levels, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        total, logs = model.forward_losses(views)
+        model._generator = None  # the same montages again
+        montages = [model.build_montages(views[:, side]) for side in (0, 1)]
+        predictions, (targets, _) = model.online_pass(montages), model.target_pass(views, montages)
+        sources = cell_sources(montages)
+        expected, expected_logs = multi_level_loss(
+            [[predictions[side, level] for level in range(levels)] for side in (0, 1)],
+            [[sources[side, level] for level in range(levels)] for side in (0, 1)],
+            [[targets[side, 0]] for side in (0, 1)],
+            weights,
+            objective,
+            temperature,
+            assignment,
+        )
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    names = ("loss", "pos_cos", "neg_cos", "collapse_std")
+    assert set(logs) == set(expected_logs) == {f"{name}_level{level}" for name in names for level in range(levels)}
+    for key in logs:
+        assert logs[key].item() == pytest.approx(expected_logs[key].item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", options("loss"))
+def test_loss_options_instantiate_for_the_composed_levels(loss):
+    method = "supervised" if loss == "cross_entropy" else "mcl"
+    cfg = compose_train([f"method={method}", f"loss={loss}", "levels=2"])
+    module = hydra.utils.instantiate(cfg.loss, _convert_="all")
+    expected = {"infonce": MultiLevelInfoNCE, "byol": MultiLevelBYOL, "cross_entropy": MultiLevelCrossEntropy}[loss]
+    assert type(module) is expected and module.levels == 2 and module.level_weights == [0.5, 0.25]
+
+
+def test_a_loss_that_does_not_suit_the_method_is_refused():
+    with pytest.raises(Exception, match="MCL needs a MultiLevelContrastiveLoss loss .loss=infonce or loss=byol."):
+        hydra.utils.instantiate(compose_train(["loss=cross_entropy"]).method, _convert_="all")
+
+
 @pytest.mark.parametrize("method", [name for name in options("method") if not name.startswith("_")])
 def test_method_options_instantiate_with_matching_views(method):
     cfg = compose_train([f"method={method}"])
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
     assert isinstance(model, pl.LightningModule) and model.levels == 3
+    assert (
+        cfg.loss._target_
+        == {"mcl": "mcl.loss.MultiLevelInfoNCE", "supervised": "mcl.loss.MultiLevelCrossEntropy"}[method]
+    )
+    assert model.loss.levels == 3 and model.loss.level_weights == [0.5, 0.25, 0.125]
     assert cfg.data.view_mode == {"mcl": "byol", "supervised": "supervised"}[method]
     assert cfg.optimized_metric == {"mcl": "val/knn_top1", "supervised": "val/acc"}[method]
 
@@ -115,6 +178,27 @@ def test_preset_and_debug_options_compose(group, tmp_path):
         assert 1 <= cfg.levels <= 4
 
 
+PAPER3, OFFICIAL4 = [0.5, 0.25, 0.125], [0.5, 0.25, 0.125, 0.125]
+# The loss each recipe computed when the method held the loss settings.
+EXPERIMENT_LOSSES = {
+    "mcl_official_r50_b4096_e100_imagenet": (
+        MultiLevelInfoNCE,
+        OFFICIAL4,
+        {"temperature": 1.0, "target_assignment": "top"},
+    ),
+    "mcl_paper_r50_b4096_e100_imagenet": (MultiLevelInfoNCE, PAPER3, {"temperature": 1.0, "target_assignment": "top"}),
+    "mcl_r18_b64_e3_fmnist_cpu": (MultiLevelInfoNCE, PAPER3, {"temperature": 1.0, "target_assignment": "top"}),
+    "mcl_swint_b1024_e100_imagenet": (MultiLevelInfoNCE, PAPER3, {"temperature": 1.0, "target_assignment": "top"}),
+    "supervised_r18_b64_e3_fmnist_cpu": (MultiLevelCrossEntropy, PAPER3, {"label_smoothing": 0.0}),
+    "supervised_r50_b256_e90_imagenet": (MultiLevelCrossEntropy, PAPER3, {"label_smoothing": 0.0}),
+    "supervised_swint_b1024_e300_imagenet": (MultiLevelCrossEntropy, PAPER3, {"label_smoothing": 0.1}),
+}
+
+
+def test_every_experiment_has_its_expected_loss():
+    assert set(EXPERIMENT_LOSSES) == set(options("experiment"))
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiments_compose_and_instantiate(experiment, tmp_path):
     cfg = compose_train([f"experiment={experiment}"], tmp_path)
@@ -124,6 +208,9 @@ def test_experiments_compose_and_instantiate(experiment, tmp_path):
     assert experiment.startswith(cfg.task_name.split("_")[0])
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
     assert model.levels == cfg.levels and model.image_size == cfg.image_size
+    kind, weights, settings = EXPERIMENT_LOSSES[experiment]
+    assert type(model.loss) is kind
+    assert model.loss.settings() == {"levels": len(weights), "level_weights": weights, **settings}
     assert isinstance(hydra.utils.instantiate(cfg.data), pl.LightningDataModule)
 
 
@@ -168,7 +255,7 @@ def test_train_help_lists_exactly_its_own_config_groups():
     help_text = subprocess.run(
         [sys.executable, "-m", "mcl.train", "--help"], check=True, capture_output=True, text=True
     ).stdout
-    groups = ("method", "preset", "experiment", "data", "backbone", "neck", "optimizer", "scheduler", "trainer")
+    groups = ("method", "preset", "experiment", "data", "backbone", "neck", "optimizer", "scheduler", "loss", "trainer")
     groups += ("logger", "callbacks", "search", "cluster", "debug")
     section = help_text.split("Config groups")[1].split("Main keys")[0].splitlines()[1:]
     assert sorted(line.split()[0] for line in section if line.strip()) == sorted(groups)

@@ -53,17 +53,18 @@ def test_wandb_sweep_commands_compose_for_every_combination(path, tmp_path):
         for name, value in zip(names, values, strict=True):
             assert OmegaConf.select(cfg, name) == value
         model = hydra.utils.instantiate(cfg.method, _convert_="all")  # validates levels, assignment, temperature
+        assert model.loss.levels == cfg.levels
         assert model.levels == cfg.levels
 
 
 def test_wandb_sweep_command_is_accepted_by_the_console_script(tmp_path):
     sweep = yaml.safe_load((ROOT / "sweeps" / "levels_x_assignment.yaml").read_text())
-    command = agent_command(sweep, {"levels": 4, "method.target_assignment": "all-levels"})
+    command = agent_command(sweep, {"levels": 4, "loss.target_assignment": "all-levels"})
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "WANDB_MODE": "offline"}
     result = subprocess.run([*command, "--cfg", "job"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     job = yaml.safe_load(result.stdout)
-    assert job["levels"] == 4 and job["method"]["target_assignment"] == "all-levels"
+    assert job["levels"] == 4 and job["loss"]["target_assignment"] == "all-levels"
     assert "WandbLogger" in job["logger"]["wandb"]["_target_"]
 
 
@@ -88,7 +89,7 @@ def test_optuna_search_composes_its_space():
     cfg = compose_train(with_hydra=True, overrides=["search=fmnist_optuna"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
-    assert set(sweeper.params) == {"levels", "method.target_assignment", "method.temperature", "optimizer.lr"}
+    assert set(sweeper.params) == {"levels", "loss.target_assignment", "loss.temperature", "optimizer.lr"}
     assert cfg.optimized_metric == "val/knn_top1"
 
 
@@ -107,7 +108,7 @@ def run_multirun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     run_multirun(tmp_path, "search=fmnist_optuna", "hydra.sweeper.n_trials=2", "levels=choice(1,2)")
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    assert best["name"] == "optuna" and set(best["best_params"]) >= {"levels", "method.temperature"}
+    assert best["name"] == "optuna" and set(best["best_params"]) >= {"levels", "loss.temperature"}
     table = collect_multirun(tmp_path)
     assert len(table) == 2 and table["status"].eq("finished").all()
     assert best["best_value"] == pytest.approx(table["val/knn_top1"].max())

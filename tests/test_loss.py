@@ -5,11 +5,16 @@ import torch
 import torch.nn.functional as F
 
 from mcl.loss import (
+    MultiLevelBYOL,
+    MultiLevelCrossEntropy,
+    MultiLevelInfoNCE,
+    build_loss,
     byol_regression,
     info_nce,
-    level_weights,
+    multi_level_cross_entropy,
     multi_level_loss,
     per_image_targets,
+    resolve_level_weights,
     similarity_stats,
     target_levels,
 )
@@ -73,15 +78,15 @@ def test_a_few_gradient_steps_lower_the_loss():
 
 
 def test_level_weight_presets():
-    assert level_weights("paper", 3) == [0.5, 0.25, 0.125]
-    assert level_weights("official", 4) == [0.5, 0.25, 0.125, 0.125]
-    assert level_weights([1, 0.5], 2) == [1.0, 0.5]
+    assert resolve_level_weights("paper", 3) == [0.5, 0.25, 0.125]
+    assert resolve_level_weights("official", 4) == [0.5, 0.25, 0.125, 0.125]
+    assert resolve_level_weights([1, 0.5], 2) == [1.0, 0.5]
 
 
 @pytest.mark.parametrize("rule", [[0.5, 0.25], [0.5, 0.25, 0.1, 0.1], [0.5, -1, 0.1], "uniform"])
 def test_bad_level_weights_name_the_key(rule):
     with pytest.raises(ValueError, match="level_weights="):
-        level_weights(rule, 3)
+        resolve_level_weights(rule, 3)
 
 
 def test_info_nce_drops_invalid_targets_from_the_negatives():
@@ -150,3 +155,152 @@ def test_images_absent_from_a_target_level_are_neither_negatives_nor_positives(l
     kept = multi_level_loss([[p[0][:2]] for p in predictions], kept_sources, [[z[:2]], [z[:2]]], [1.0], loss, 0.5)[0]
     assert torch.isfinite(masked) and masked.item() == pytest.approx(kept.item(), rel=1e-6)
     assert torch.isfinite(logs["pos_cos_level0"])
+
+
+# ------------------------------------------------------------------------------------------------ modules
+def side_level_example(levels=2, batch=4, dim=8, target_levels=1, seed=4):
+    """Predictions, sources, targets and presence masks keyed by ``(side, level)``: level ``i`` has ``B * 2**i``
+    cells of random images, so an image may be in no cell of a level (and then has no target there)."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = [(side, level) for side in (0, 1) for level in range(levels)]
+    sources = {key: torch.randint(0, batch, (batch * 2 ** key[1],), generator=generator) for key in keys}
+    predictions = {key: torch.randn(len(cells), dim, generator=generator) for key, cells in sources.items()}
+    targets = {(side, j): torch.randn(batch, dim, generator=generator) for side in (0, 1) for j in range(target_levels)}
+    present = {key: torch.zeros(batch, dtype=torch.bool).index_fill_(0, sources[key], True) for key in targets}
+    return predictions, sources, targets, present
+
+
+def nested(tensors, levels):
+    return [[tensors[side, level] for level in range(levels)] for side in (0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("loss", "objective", "temperature"),
+    [
+        (MultiLevelInfoNCE(2, [0.7, 0.3], temperature=0.3, target_assignment="top"), "infonce", 0.3),
+        (MultiLevelInfoNCE(2, "official", temperature=0.5, target_assignment="same-level"), "infonce", 0.5),
+        (MultiLevelInfoNCE(2, target_assignment="all-levels"), "infonce", 1.0),
+        (MultiLevelBYOL(2, "paper", target_assignment="same-level"), "byol", 1.0),
+    ],
+    ids=["infonce-top", "infonce-same-level", "infonce-all-levels", "byol-same-level"],
+)
+def test_loss_module_equals_the_functional_loss(loss, objective, temperature):
+    """The module is the function with its settings fixed: the same total and logs on reference inputs."""
+    compared = loss.target_level_count
+    predictions, sources, targets, present = side_level_example(target_levels=compared)
+    masks = present if compared > 1 else None
+    total, logs = loss(predictions, sources, targets, masks)
+    expected, expected_logs = multi_level_loss(
+        nested(predictions, 2),
+        nested(sources, 2),
+        nested(targets, compared),
+        loss.level_weights,
+        objective,
+        temperature,
+        loss.target_assignment,
+        None if masks is None else nested(masks, compared),
+    )
+    assert total.item() == expected.item()
+    assert logs.keys() == expected_logs.keys()
+    assert all(torch.equal(logs[key], expected_logs[key]) for key in logs)
+
+
+def test_infonce_module_matches_the_reference_loop():
+    predictions, sources, targets, _ = side_level_example()
+    total, logs = MultiLevelInfoNCE(2, [0.5, 0.25], temperature=0.2)(predictions, sources, targets)
+    expected = sum(
+        weight * reference_info_nce(predictions[side, level], targets[1 - side, 0], sources[side, level], 0.2)
+        for level, weight in enumerate([0.5, 0.25])
+        for side in (0, 1)
+    )
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    assert set(logs) == {
+        f"{name}_level{level}" for name in ("loss", "pos_cos", "neg_cos", "collapse_std") for level in (0, 1)
+    }
+
+
+def test_a_few_gradient_steps_lower_the_module_loss():
+    predictions, sources, targets, _ = side_level_example()
+    predictions = {key: p.requires_grad_() for key, p in predictions.items()}
+    optimizer = torch.optim.SGD(predictions.values(), lr=1.0)
+    loss = MultiLevelInfoNCE(2, temperature=0.2)
+    losses = []
+    for _ in range(20):
+        total, _ = loss(predictions, sources, targets)
+        losses.append(total.item())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: MultiLevelInfoNCE(3, target_assignment="bottom"), "target_assignment='bottom' is invalid: use one of"),
+        (lambda: MultiLevelBYOL(3, target_assignment="nearest"), "target_assignment='nearest' is invalid"),
+        (lambda: MultiLevelInfoNCE(3, [0.5, -0.25, 0.25]), r"level_weights=\[0.5, -0.25, 0.25\] is invalid"),
+        (
+            lambda: MultiLevelInfoNCE(3, [0.5, 0.25]),
+            r"level_weights=\[0.5, 0.25\] is invalid: with levels=3 it must list 3",
+        ),
+        (lambda: MultiLevelInfoNCE(2, "uniform"), "level_weights='uniform' is invalid: use one of"),
+        (lambda: MultiLevelCrossEntropy(2, [0.0, 0.0]), "every level weight is 0"),
+        (lambda: MultiLevelInfoNCE(3, temperature=0.0), "temperature=0.0 is invalid: it must be > 0"),
+        (lambda: MultiLevelInfoNCE(5), "levels=5 is invalid"),
+        (
+            lambda: MultiLevelCrossEntropy(2, label_smoothing=1.5),
+            r"label_smoothing=1.5 is invalid: it must be in \[0, 1\]",
+        ),
+    ],
+)
+def test_invalid_loss_settings_fail_at_construction_naming_the_key(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_loss_module_refuses_inputs_of_other_levels():
+    predictions, sources, targets, _ = side_level_example(levels=2)
+    loss = MultiLevelInfoNCE(3)
+    with pytest.raises(ValueError, match=r"predictions are keyed .* needs \(side, level\) keys"):
+        loss(predictions, sources, targets)
+    with pytest.raises(ValueError, match="targets are keyed"):
+        MultiLevelInfoNCE(2, target_assignment="same-level")(predictions, sources, targets)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        MultiLevelInfoNCE(3, "official", temperature=0.2, target_assignment="all-levels"),
+        MultiLevelBYOL(2, [0.6, 0.4]),
+        MultiLevelCrossEntropy(1, label_smoothing=0.1),
+    ],
+)
+def test_loss_config_rebuilds_the_same_loss(loss):
+    config = loss.config()
+    assert config["_target_"] == f"mcl.loss.{type(loss).__name__}"
+    rebuilt = build_loss(config)
+    assert type(rebuilt) is type(loss) and rebuilt.settings() == loss.settings()
+    assert all(isinstance(value, str | int | float | list) for value in config.values())  # checkpoint-safe values
+
+
+def test_build_loss_builds_only_this_modules_losses():
+    with pytest.raises(
+        ValueError, match=r"loss._target_='os.system' is invalid: use one of \['mcl.loss.MultiLevelBYOL'"
+    ):
+        build_loss({"_target_": "os.system", "command": "true"})
+
+
+def test_cross_entropy_module_weights_each_levels_cross_entropy():
+    generator = torch.Generator().manual_seed(5)
+    logits = [torch.randn(n, 4, generator=generator) for n in (6, 24)]
+    labels = [torch.randint(0, 4, (n,), generator=generator) for n in (6, 24)]
+    total, logs = MultiLevelCrossEntropy(2, [0.6, 0.4], label_smoothing=0.1)(logits, labels)
+    per_level = [F.cross_entropy(x, y, label_smoothing=0.1).item() for x, y in zip(logits, labels, strict=True)]
+    assert total.item() == pytest.approx(0.6 * per_level[0] + 0.4 * per_level[1], rel=1e-6)
+    assert logs["loss_level1"].item() == pytest.approx(per_level[1], rel=1e-6)
+    accuracy = (logits[0].argmax(1) == labels[0]).float().mean().item() * 100
+    assert logs["acc_level0"].item() == pytest.approx(accuracy)
+    assert total.item() == multi_level_cross_entropy(logits, labels, [0.6, 0.4], 0.1)[0].item()
+    with pytest.raises(ValueError, match="got logits for 1 and labels for 1 levels, but this loss has levels=2"):
+        MultiLevelCrossEntropy(2)(logits[:1], labels[:1])

@@ -6,14 +6,19 @@ import torch.nn.functional as F
 
 from mcl.heads import split_tiles
 from mcl.knn import knn_top1
+from mcl.loss import MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.methods import MCL
+from mcl.methods.mcl import cell_sources
 from mcl.montage import assemble_levels
 
 from .conftest import small_trunk
 
 
-def small_mcl(levels=2, **kwargs):
-    return MCL(**small_trunk(levels, **{"projector_hidden_dim": 32, "embedding_dim": 16, **kwargs}))
+def small_mcl(levels=2, target_assignment="top", temperature=1.0, **kwargs):
+    """A small MCL (16-channel pyramid, 16-d embeddings) whose loss is MultiLevelInfoNCE with paper weights and the
+    given ``target_assignment`` and ``temperature``."""
+    loss = MultiLevelInfoNCE(levels, temperature=temperature, target_assignment=target_assignment)
+    return MCL(**small_trunk(levels, **{"projector_hidden_dim": 32, "embedding_dim": 16, "loss": loss, **kwargs}))
 
 
 def reference_cells(backbone, neck, head, montages, level, tile=2):
@@ -133,18 +138,35 @@ def test_seed_montages_replays_the_draws_of_a_generator_with_that_seed():
         ({"levels": 0}, "levels=0"),
         ({"image_size": 65}, "image_size=65"),
         ({"image_size": 16}, "image_size=16"),
-        ({"level_weights": [0.5, 0.5, 0.5]}, "level_weights="),
         ({"montage_counts": [16]}, "montage_counts="),
-        ({"loss": "mse"}, "loss='mse'"),
         ({"target_assignment": "bottom"}, "target_assignment='bottom'"),
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"downscale_mode": "cubic"}, "downscale_mode='cubic'"),
         ({"base_momentum": 1.5}, "base_momentum=1.5"),
+        ({"loss": MultiLevelInfoNCE(3)}, "loss.levels=3 but levels=2"),
+        ({"loss": MultiLevelCrossEntropy(2)}, "MCL needs a MultiLevelContrastiveLoss loss .loss=infonce or loss=byol."),
     ],
 )
 def test_bad_configuration_is_rejected_with_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
         small_mcl(**kwargs)
+
+
+def test_the_loss_module_is_a_setting_of_the_model_not_a_weight():
+    """The loss holds the level weights, temperature and target assignment; the hyper-parameters keep its config
+    (plain values, loadable with weights_only) and the state dict has nothing of it."""
+    model = small_mcl(levels=3, target_assignment="same-level", temperature=0.5)
+    assert model.loss.level_weights == [0.5, 0.25, 0.125]
+    assert model.hparams["loss"] == {
+        "_target_": "mcl.loss.MultiLevelInfoNCE",
+        "levels": 3,
+        "level_weights": [0.5, 0.25, 0.125],
+        "target_assignment": "same-level",
+        "temperature": 0.5,
+    }
+    assert not any(key.startswith("loss.") for key in model.state_dict())
+    default = MCL(**small_trunk(2))
+    assert isinstance(default.loss, MultiLevelInfoNCE) and default.loss.settings() == MultiLevelInfoNCE(2).settings()
 
 
 def test_views_that_do_not_match_the_model_are_rejected():
@@ -182,6 +204,40 @@ def with_side_replaced(montages, side, level=None):
         if level is None or lvl == level:
             copy[side][lvl] = (torch.randn_like(images), sources)
     return copy
+
+
+# B = 20 with the paper rule: 20, 5 and 1 montages per side at levels 0, 1 and 2, so 20, 20 and 16 cells.
+CELLS_OF_20 = (20, 20, 16)
+
+
+@pytest.mark.parametrize("bn_groups", ["per_side", "joint"])
+def test_online_pass_gives_every_cell_a_prediction_keyed_by_side_and_level(bn_groups):
+    model = small_mcl(levels=3, bn_groups=bn_groups)
+    montages = replay(model, torch.randn(20, 2, 3, 3, 64, 64))
+    with torch.no_grad():
+        predictions = model.online_pass(montages)
+    expected = {(side, level): (cells, 16) for side in (0, 1) for level, cells in enumerate(CELLS_OF_20)}
+    assert {key: tuple(value.shape) for key, value in predictions.items()} == expected
+    assert {key: (len(value), 16) for key, value in cell_sources(montages).items()} == expected
+
+
+@pytest.mark.parametrize(("assignment", "target_levels"), [("top", 1), ("same-level", 3), ("all-levels", 3)])
+def test_target_pass_gives_every_image_a_target_keyed_by_side_and_target_level(assignment, target_levels):
+    """``top``: the plain views' level-0 embeddings only. Otherwise one target per image and level, and the images of
+    no cell at a level masked out: level 2's one 4x4 montage shows 16 of the 20 images."""
+    model = small_mcl(levels=3, target_assignment=assignment)
+    views = torch.randn(20, 2, 3, 3, 64, 64)
+    targets, present = model.target_pass(views, replay(model, views))
+    keys = {(side, level) for side in (0, 1) for level in range(target_levels)}
+    assert set(targets) == keys and all(value.shape == (20, 16) for value in targets.values())
+    assert not any(value.requires_grad for value in targets.values())
+    if assignment == "top":
+        assert present is None
+        return
+    assert set(present) == keys and all(
+        value.shape == (20,) and value.dtype == torch.bool for value in present.values()
+    )
+    assert [int(present[side, level].sum()) for side in (0, 1) for level in range(3)] == [20, 20, 16] * 2
 
 
 @pytest.mark.parametrize("bn_groups", ["per_side", "per_side_plain_target", "joint"])
@@ -251,7 +307,7 @@ def test_groupings_agree_in_eval_mode(assignment):
 
 
 def test_plain_target_grouping_needs_top_targets():
-    with pytest.raises(ValueError, match="bn_groups=per_side_plain_target needs target_assignment=top"):
+    with pytest.raises(ValueError, match="bn_groups=per_side_plain_target needs loss.target_assignment=top"):
         small_mcl(bn_groups="per_side_plain_target", target_assignment="same-level")
     with pytest.raises(ValueError, match="bn_groups='sides'"):
         small_mcl(bn_groups="sides")

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mcl.loss import MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.methods import SupervisedMultiLevel
 from mcl.methods.base import level_cells
 from mcl.methods.supervised import assemble_labels
@@ -84,11 +85,32 @@ def test_labels_outside_the_classifier_are_rejected():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"levels": 5}, "levels=5"), ({"image_size": 100}, "image_size=100"), ({"num_classes": 1}, "num_classes=1")],
+    [
+        ({"levels": 5}, "levels=5"),
+        ({"image_size": 100}, "image_size=100"),
+        ({"num_classes": 1}, "num_classes=1"),
+        ({"loss": MultiLevelCrossEntropy(2)}, "loss.levels=2 but levels=3"),
+        (
+            {"loss": MultiLevelInfoNCE(3)},
+            "SupervisedMultiLevel needs a MultiLevelCrossEntropy loss .loss=cross_entropy.",
+        ),
+    ],
 )
 def test_bad_configuration_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         small_supervised(**kwargs)
+
+
+def test_the_loss_module_sets_level_weights_and_label_smoothing():
+    loss = MultiLevelCrossEntropy(1, level_weights=[0.8], label_smoothing=0.1)
+    model = small_supervised(levels=1, classifier_input="pooled_c5", loss=loss).eval()
+    views, labels = torch.randn(8, 1, 3, 64, 64), torch.arange(8) % 10
+    with torch.no_grad():
+        total, _ = model.forward_losses(views, labels)
+        logits = model.classifier(model.backbone.forward_pooled(views[:, 0]))
+        expected = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert total.item() == pytest.approx(0.8 * expected.item(), rel=1e-5)
+    assert model.hparams["loss"]["label_smoothing"] == 0.1 and model.hparams["loss"]["level_weights"] == [0.8]
 
 
 def test_plain_supervised_classifies_pooled_c5_of_one_view():

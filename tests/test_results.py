@@ -26,10 +26,10 @@ def fake_job(root, name, overrides, metrics=None, csv_rows=None, config=None):
     ("override", "expected"),
     [
         ("levels=2", ("levels", 2)),
-        ("method.target_assignment=same-level", ("method.target_assignment", "same-level")),
+        ("loss.target_assignment=same-level", ("loss.target_assignment", "same-level")),
         ("+trainer.max_steps=5", ("trainer.max_steps", 5)),
-        ("method.temperature=0.2", ("method.temperature", 0.2)),
-        ("method.level_weights=[0.5,0.5]", ("method.level_weights", "[0.5,0.5]")),
+        ("loss.temperature=0.2", ("loss.temperature", 0.2)),
+        ("loss.level_weights=[0.5,0.5]", ("loss.level_weights", "[0.5,0.5]")),
         ("optimizer.lr=1e-3", ("optimizer.lr", 0.001)),
         ("trainer.sync_batchnorm=False", ("trainer.sync_batchnorm", False)),
         ("ckpt_path=null", ("ckpt_path", None)),
@@ -40,20 +40,20 @@ def test_parse_override(override, expected):
 
 
 def test_multirun_table_has_a_row_per_job_in_job_order(tmp_path):
-    config = {"levels": 3, "method": {"target_assignment": "top", "levels": "${levels}"}, "out": "${hydra:runtime}"}
+    config = {"levels": 3, "loss": {"target_assignment": "top", "levels": "${levels}"}, "out": "${hydra:runtime}"}
     for num in (10, 2, 1):  # folder order would put 10 before 2
         fake_job(tmp_path, f"{num}_levels={num}", [f"levels={num}"], {"val/knn_top1": 60.0 + num}, config=config)
     fake_job(
         tmp_path, "3_levels=3", ["levels=3"], csv_rows="epoch,step,val/knn_top1,train/loss\n0,9,55.5,\n0,10,,7.0\n"
     )
-    frame = collect_multirun(tmp_path, config_keys=["method.target_assignment", "method.levels", "out"])
+    frame = collect_multirun(tmp_path, config_keys=["loss.target_assignment", "loss.levels", "out"])
     assert frame["job"].tolist() == ["1_levels=1", "2_levels=2", "3_levels=3", "10_levels=10"]
     assert frame["levels"].tolist() == [1, 2, 3, 10]
     assert frame["status"].tolist() == ["finished", "finished", "unfinished", "finished"]
     assert frame["val/knn_top1"].tolist() == [61.0, 62.0, 55.5, 70.0]
     assert frame.loc[2, "train/loss"] == 7.0  # the last value the CSV log holds
-    assert frame["method.target_assignment"].fillna("-").tolist() == ["top", "top", "-", "top"]
-    assert frame["method.levels"].tolist()[:2] == [3, 3]  # interpolations resolved
+    assert frame["loss.target_assignment"].fillna("-").tolist() == ["top", "top", "-", "top"]
+    assert frame["loss.levels"].tolist()[:2] == [3, 3]  # interpolations resolved
     assert frame["out"].tolist()[0] == "${hydra:runtime}"  # Hydra-only interpolations stay as written
 
 
@@ -81,7 +81,7 @@ def test_wandb_project_rows_from_run_config_and_summary():
             name="mcl/levels=2",
             group="mcl/2026-11-26_16-00-00",
             state="finished",
-            config={"levels": 2, "method": {"target_assignment": "same-level", "loss": "infonce"}},
+            config={"levels": 2, "loss": {"_target_": "mcl.loss.MultiLevelInfoNCE", "target_assignment": "same-level"}},
             summary={"val/knn_top1": 63.5, "_step": 270, "graph": {"a": 1}},
         )
     ]
@@ -95,8 +95,8 @@ def test_wandb_project_rows_from_run_config_and_summary():
             "group": "mcl/2026-11-26_16-00-00",
             "status": "finished",
             "levels": 2,
-            "method.target_assignment": "same-level",
-            "method.loss": "infonce",
+            "loss.target_assignment": "same-level",
+            "loss._target_": "mcl.loss.MultiLevelInfoNCE",
             "val/knn_top1": 63.5,
         }
     ]

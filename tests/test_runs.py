@@ -67,7 +67,7 @@ def test_finished_run_rerun_does_nothing_and_more_epochs_continue(tiny_cfg, capl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override", ["levels=5", "ckpt_path=/nowhere/last.ckpt", "method.level_weights=[0,0,0]"])
+@pytest.mark.parametrize("override", ["levels=5", "ckpt_path=/nowhere/last.ckpt", "loss.level_weights=[0,0,0]"])
 def test_a_failing_rerun_leaves_every_file_as_it_was(tiny_cfg, override):
     cfg = tiny_cfg("validate_at_init=false")
     train(cfg)
@@ -175,7 +175,7 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypatch
     [
         ("backbone.name=resnet5o", "backbone.name='resnet5o' is not a timm model; close timm names: resnet50"),
         ("batch_size=1", "batch_size=1 on 1 device"),
-        ("method.level_weights=[0,0,0]", "every level weight is 0"),
+        ("loss.level_weights=[0,0,0]", "every level weight is 0"),
     ],
 )
 def test_configs_that_would_train_nothing_or_crash_late_are_refused(tiny_cfg, override, message):

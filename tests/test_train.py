@@ -99,7 +99,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, monk
     [
         ("levels=5", "levels=5"),
         ("image_size=80", "image_size=80"),
-        ("method.level_weights=[0.5,0.25]", "level_weights="),
+        ("loss.level_weights=[0.5,0.25]", "level_weights="),
         ("method.montage_counts=[16,4]", "montage_counts="),
     ],
 )

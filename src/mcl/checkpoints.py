@@ -9,12 +9,15 @@
 - :class:`LastCheckpoint` keeps ``last.ckpt`` equal to the state after the newest step: after every training epoch,
   every ``every_n_train_steps`` steps, and at the end of training.
 - :func:`newest_loadable` picks the checkpoint to resume from when ``last.ckpt`` is unreadable.
+- :func:`split_loss_hyperparameters` reads a method's saved loss config, also from checkpoints saved before the loss
+  had one.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from mcl.loss import MultiLevelBYOL, MultiLevelInfoNCE, MultiLevelLoss
 from mcl.runs import replaced_atomically
 
 log = logging.getLogger(__name__)
@@ -132,3 +136,34 @@ def newest_loadable(dirpath: str | Path, preferred: str | Path | None = None) ->
             log.warning("%s cannot be read; resuming from %s, the newest checkpoint that loads", preferred, candidate)
         return candidate
     return None
+
+
+# Before the loss was a module with a config of its own, a method's hyper-parameters held its settings and named the
+# self-supervised loss in ``loss``.
+LEGACY_LOSS_KEYS = ("level_weights", "temperature", "target_assignment", "label_smoothing")
+LEGACY_LOSS_NAMES: dict[str, type[MultiLevelLoss]] = {"infonce": MultiLevelInfoNCE, "byol": MultiLevelBYOL}
+
+
+def split_loss_hyperparameters(
+    hparams: Mapping[str, Any], default_loss: type[MultiLevelLoss]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A method's saved hyper-parameters, split into the method's own and its loss's config (``_target_`` and
+    settings, for :func:`mcl.loss.build_loss`).
+
+    Checkpoints saved before the loss had a config of its own keep ``level_weights``, ``temperature``,
+    ``target_assignment`` and ``label_smoothing`` among the method's hyper-parameters and name the loss in ``loss``
+    (``"infonce"``, ``"byol"``; none for the supervised method, whose loss is ``default_loss``): they become the
+    loss's config, with the same meaning. Settings that were left at their defaults are not saved, and the loss
+    has the same defaults.
+    """
+    method = dict(hparams)
+    loss = method.pop("loss", None)
+    if isinstance(loss, Mapping):
+        return method, dict(loss)
+    if loss is not None and loss not in LEGACY_LOSS_NAMES:
+        raise CheckpointError(f"the checkpoint's loss={loss!r} is unknown: use one of {sorted(LEGACY_LOSS_NAMES)}")
+    kind = LEGACY_LOSS_NAMES[loss] if loss is not None else default_loss
+    settings = {key: method.pop(key) for key in LEGACY_LOSS_KEYS if key in method}
+    if kind is MultiLevelBYOL:
+        settings.pop("temperature", None)  # saved, but the regression never used it
+    return method, {"_target_": kind.target(), **settings}

@@ -1,13 +1,21 @@
-"""Multi-level contrastive losses: pure functions on embeddings, no Lightning."""
+"""Multi-level losses: pure functions on embeddings, and the configured loss modules that the methods call.
+
+The functions take every setting as an argument; the modules (:class:`MultiLevelInfoNCE`, :class:`MultiLevelBYOL`,
+:class:`MultiLevelCrossEntropy`) hold the level weights and the rest of a loss's settings, checked when the loss is
+built, and call the functions. No Lightning.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mcl.distributed import gather_batch, rank
+from mcl.montage import check_levels
 
 LEVEL_WEIGHT_RULES = ("paper", "official")
 OFFICIAL_LEVEL_WEIGHTS = (0.5, 0.25, 0.125, 0.125)
@@ -15,7 +23,7 @@ LOSSES = ("infonce", "byol")
 TARGET_ASSIGNMENTS = ("top", "same-level", "all-levels")
 
 
-def level_weights(rule: str | Sequence[float], levels: int) -> list[float]:
+def resolve_level_weights(rule: str | Sequence[float], levels: int) -> list[float]:
     """Loss weight per level.
 
     ``"paper"``: ``1/2**(i+1)``; ``"official"``: ``[1/2, 1/4, 1/8, 1/8][:levels]``; or an explicit list.
@@ -202,3 +210,237 @@ def multi_level_loss(
         logs[f"loss_level{level}"] = level_loss.detach()
         logs.update({f"{name}_level{level}": value for name, value in stats.items()})
     return total, logs
+
+
+def multi_level_cross_entropy(
+    logits: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``sum_i w_i * cross_entropy_i`` over the cells of every level, in float32; logs the loss and the accuracy (%)
+    per level.
+
+    Args:
+        logits: per level ``i``, ``(N_i, num_classes)`` class logits, one row per montage cell.
+        labels: per level ``i``, ``(N_i,)`` the class of each cell's image.
+        weights: one weight per level.
+    """
+    total = logits[0].new_zeros((), dtype=torch.float32)
+    logs: dict[str, torch.Tensor] = {}
+    for level, (level_logits, level_labels, weight) in enumerate(zip(logits, labels, weights, strict=True)):
+        loss = F.cross_entropy(level_logits.float(), level_labels, label_smoothing=label_smoothing)
+        total = total + weight * loss
+        logs[f"loss_level{level}"] = loss.detach()
+        logs[f"acc_level{level}"] = (level_logits.argmax(1) == level_labels).float().mean().detach() * 100
+    return total, logs
+
+
+# --------------------------------------------------------------------------------------------------- modules
+# The two augmentation sides of a self-supervised training step.
+SIDES = (0, 1)
+# Tensors of a training step keyed by ``(side, level)``.
+BySideLevel = dict[tuple[int, int], torch.Tensor]
+
+
+class MultiLevelLoss(nn.Module):
+    """What the multi-level losses share: the level count and one weight per level, checked when the loss is built.
+
+    Args:
+        levels: montage levels, 1..4 (the method's ``levels``).
+        level_weights: ``"paper"``, ``"official"`` or one non-negative weight per level
+            (:func:`resolve_level_weights`); at least one positive.
+
+    A loss has no parameters or buffers, so it adds nothing to a checkpoint's ``state_dict``; :meth:`config` is what
+    a checkpoint keeps of it.
+    """
+
+    def __init__(self, levels: int, level_weights: str | Sequence[float] = "paper"):
+        super().__init__()
+        self.levels = check_levels(levels)
+        self.level_weights = resolve_level_weights(level_weights, levels)
+        if not any(self.level_weights):
+            raise ValueError(
+                f"level_weights={self.level_weights} is invalid: every level weight is 0, so the loss would be 0 and "
+                "nothing would train; give at least one level a positive weight"
+            )
+
+    @classmethod
+    def target(cls) -> str:
+        """The import path that a config's ``_target_`` names this class by."""
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this loss, as plain values."""
+        return {"levels": self.levels, "level_weights": list(self.level_weights)}
+
+    def config(self) -> dict[str, Any]:
+        """This loss as a config (``_target_`` and :meth:`settings`): what the methods save among their
+        hyper-parameters, and what :func:`build_loss` reads back."""
+        return {"_target_": self.target(), **self.settings()}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
+
+
+def check_keys(name: str, tensors: Mapping[tuple[int, int], torch.Tensor], levels: range) -> None:
+    """Fail unless ``tensors`` holds exactly one tensor per ``(side, level)`` for both sides and ``levels``."""
+    expected = {(side, level) for side in SIDES for level in levels}
+    if set(tensors) != expected:
+        raise ValueError(
+            f"{name} are keyed {sorted(tensors)}, but this loss needs (side, level) keys {sorted(expected)}"
+        )
+
+
+class MultiLevelContrastiveLoss(MultiLevelLoss):
+    """The symmetric multi-level loss of the self-supervised method (:func:`multi_level_loss`) with its settings
+    fixed: subclasses choose the loss of each term (``objective``, one of :data:`LOSSES`).
+
+    Args:
+        target_assignment: which target levels each online level is compared with, one of
+            :data:`TARGET_ASSIGNMENTS` (:func:`target_levels`).
+    """
+
+    objective: str
+    temperature: float
+
+    def __init__(self, levels: int, level_weights: str | Sequence[float] = "paper", target_assignment: str = "top"):
+        super().__init__(levels, level_weights)
+        if target_assignment not in TARGET_ASSIGNMENTS:
+            raise ValueError(f"target_assignment={target_assignment!r} is invalid: use one of {TARGET_ASSIGNMENTS}")
+        self.target_assignment = target_assignment
+
+    @property
+    def target_level_count(self) -> int:
+        """How many target levels there are to compare with: level 0 only for ``top``, every level otherwise."""
+        return 1 if self.target_assignment == "top" else self.levels
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "target_assignment": self.target_assignment}
+
+    def forward(
+        self,
+        predictions: Mapping[tuple[int, int], torch.Tensor],
+        sources: Mapping[tuple[int, int], torch.Tensor],
+        targets: Mapping[tuple[int, int], torch.Tensor],
+        present: Mapping[tuple[int, int], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and per-level logs (``loss_level{i}``, ``pos_cos_level{i}``, ``neg_cos_level{i}``,
+        ``collapse_std_level{i}``).
+
+        Args:
+            predictions: ``(side, level)`` -> ``(N, D)`` online predictions of the cells of that side's level-``level``
+                montages, in ``sources`` order; every side and level.
+            sources: ``(side, level)`` -> ``(N,)`` the local batch index of each cell's image.
+            targets: ``(side, j)`` -> ``(B, D)`` that side's target embeddings at target level ``j``, for
+                ``j < target_level_count``.
+            present: optional ``(side, j)`` -> ``(B,)`` masks of the images that have a target at level ``j``.
+
+        Side ``s``'s predictions are compared with side ``1 - s``'s targets; see :func:`multi_level_loss`.
+        """
+        levels, compared = range(self.levels), range(self.target_level_count)
+        check_keys("predictions", predictions, levels)
+        check_keys("sources", sources, levels)
+        check_keys("targets", targets, compared)
+        if present is not None:
+            check_keys("present", present, compared)
+
+        def by_side(tensors: Mapping[tuple[int, int], torch.Tensor], wanted: range) -> list[list[torch.Tensor]]:
+            """``tensors[side][level]``, the layout of :func:`multi_level_loss`."""
+            return [[tensors[side, level] for level in wanted] for side in SIDES]
+
+        return multi_level_loss(
+            by_side(predictions, levels),
+            by_side(sources, levels),
+            by_side(targets, compared),
+            self.level_weights,
+            self.objective,
+            self.temperature,
+            self.target_assignment,
+            None if present is None else by_side(present, compared),
+        )
+
+
+class MultiLevelInfoNCE(MultiLevelContrastiveLoss):
+    """Multi-level InfoNCE (:func:`info_nce`): every cell against the other side's targets of the whole batch.
+
+    Args:
+        levels, level_weights: see :class:`MultiLevelLoss`.
+        temperature: the softmax temperature ``T`` (> 0); each term is scaled by ``2T``.
+        target_assignment: see :class:`MultiLevelContrastiveLoss`.
+    """
+
+    objective = "infonce"
+
+    def __init__(
+        self,
+        levels: int,
+        level_weights: str | Sequence[float] = "paper",
+        temperature: float = 1.0,
+        target_assignment: str = "top",
+    ):
+        super().__init__(levels, level_weights, target_assignment)
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} is invalid: it must be > 0")
+        self.temperature = float(temperature)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "temperature": self.temperature}
+
+
+class MultiLevelBYOL(MultiLevelContrastiveLoss):
+    """Multi-level BYOL regression (:func:`byol_regression`, ``2 - 2 cos`` to the positive only, no negatives).
+
+    Args: see :class:`MultiLevelContrastiveLoss`.
+    """
+
+    objective = "byol"
+    temperature = 1.0  # multi_level_loss takes one; the regression does not use it
+
+
+class MultiLevelCrossEntropy(MultiLevelLoss):
+    """The supervised method's multi-level cross-entropy (:func:`multi_level_cross_entropy`).
+
+    Args:
+        levels, level_weights: see :class:`MultiLevelLoss`.
+        label_smoothing: in ``[0, 1]``, as :func:`torch.nn.functional.cross_entropy` takes it.
+    """
+
+    def __init__(self, levels: int, level_weights: str | Sequence[float] = "paper", label_smoothing: float = 0.0):
+        super().__init__(levels, level_weights)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} is invalid: it must be in [0, 1]")
+        self.label_smoothing = float(label_smoothing)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "label_smoothing": self.label_smoothing}
+
+    def forward(
+        self, logits: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and per-level logs (``loss_level{i}``, ``acc_level{i}``).
+
+        Args:
+            logits: per level ``i``, ``(N_i, num_classes)``, one row per montage cell.
+            labels: per level ``i``, ``(N_i,)`` the class of each cell's image.
+        """
+        if len(logits) != self.levels or len(labels) != self.levels:
+            raise ValueError(
+                f"got logits for {len(logits)} and labels for {len(labels)} levels, but this loss has "
+                f"levels={self.levels}"
+            )
+        return multi_level_cross_entropy(logits, labels, self.level_weights, self.label_smoothing)
+
+
+LOSS_CLASSES: tuple[type[MultiLevelLoss], ...] = (MultiLevelInfoNCE, MultiLevelBYOL, MultiLevelCrossEntropy)
+
+
+def build_loss(config: Mapping[str, Any]) -> MultiLevelLoss:
+    """A loss from its :meth:`MultiLevelLoss.config`, e.g. as a checkpoint saved it. Only the loss classes of this
+    module are built: a config read from a file names no other code to run."""
+    classes = {cls.target(): cls for cls in LOSS_CLASSES}
+    settings = dict(config)
+    target = settings.pop("_target_", None)
+    if target not in classes:
+        raise ValueError(f"loss._target_={target!r} is invalid: use one of {sorted(classes)}")
+    return classes[target](**settings)

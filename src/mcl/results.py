@@ -64,14 +64,14 @@ def parse_value(text: str) -> Any:
 
 
 def parse_override(override: str) -> tuple[str, Any]:
-    """``"method.loss=byol"`` -> ``("method.loss", "byol")``, ``"levels=2"`` -> ``("levels", 2)``."""
+    """``"loss.temperature=0.2"`` -> ``("loss.temperature", 0.2)``, ``"levels=2"`` -> ``("levels", 2)``."""
     key, sep, value = override.partition("=")
     return key.lstrip("+~"), parse_value(value) if sep else True
 
 
 def lookup(config: dict[str, Any], key: str) -> Any:
-    """``config["method"]["loss"]`` for ``"method.loss"`` (or a flat ``"method.loss"`` key, as W&B sweeps set it);
-    ``None`` when a part is missing."""
+    """``config["loss"]["temperature"]`` for ``"loss.temperature"`` (or a flat ``"loss.temperature"`` key, as W&B
+    sweeps set it); ``None`` when a part is missing."""
     if key in config:
         return config[key]
     value: Any = config
@@ -167,7 +167,7 @@ def collect_wandb(
     project: str,
     filters: dict[str, Any] | None = None,
     metrics: Sequence[str] | None = DEFAULT_METRICS,
-    config_keys: Sequence[str] = ("levels", "method.target_assignment", "method.loss"),
+    config_keys: Sequence[str] = ("levels", "loss.target_assignment", "loss._target_"),
     api: Any = None,
 ) -> pd.DataFrame:
     """One row per run of a W&B project (``"entity/project"``; needs network access and a key), e.g.

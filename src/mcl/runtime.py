@@ -6,7 +6,6 @@ Trainer: where the configs are, W&B's mode, loggers, callbacks and the Trainer f
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import logging
 import netrc
 import os
@@ -25,8 +24,22 @@ from mcl.checkpoints import AtomicCheckpointIO
 from mcl.runs import write_json
 
 log = logging.getLogger(__name__)
-# The Hydra configs: conf/ at the repository root, installed as the package mcl.conf (see pyproject.toml).
-CONFIG_DIR = str(importlib.resources.files("mcl.conf"))
+
+
+def find_config_dir() -> str:
+    """The folder of the Hydra configs: ``conf/`` at the repository root, installed as the package ``mcl.conf`` (see
+    ``pyproject.toml``), wherever the package is installed or checked out."""
+    import mcl.conf
+
+    if mcl.conf.__file__ is None:  # a namespace package: a leftover folder, not the configs
+        raise ImportError(
+            f"mcl.conf resolves to {list(mcl.conf.__path__)}, a folder without the configs (left over from a checkout "
+            "where they lived in src/mcl/conf?): remove it, or reinstall the package (pip install -e .)"
+        )
+    return str(Path(mcl.conf.__file__).parent)
+
+
+CONFIG_DIR = find_config_dir()
 DIRNAME_LIMIT = 120
 METRICS_FILE = "metrics.json"
 

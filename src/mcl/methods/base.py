@@ -7,7 +7,8 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -18,7 +19,7 @@ from mcl.distributed import rank
 from mcl.heads import TileHead, split_tiles
 from mcl.initialization import check_weight_init, official_trunk_init
 from mcl.knn import KNNAccuracy
-from mcl.loss import level_weights as resolve_level_weights
+from mcl.loss import MultiLevelLoss, build_loss
 from mcl.montage import DOWNSCALE_MODES, assemble_levels, check_levels
 from mcl.montage import montage_counts as count_montages
 from mcl.optim import NO_DECAY_RULES, WarmupCosineLR, check_schedule, parameter_groups, scaled_lr
@@ -29,6 +30,9 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 # The validation loaders, in the order the datamodules return them: the labelled kNN bank, the validation split.
 BANK_LOADER, VAL_LOADER = 0, 1
+DEFAULT_LEVELS = 3
+# Method arguments of the schedule before it became the `scheduler` config (a partial WarmupCosineLR).
+LEGACY_SCHEDULE_KEYS = ("warmup_epochs", "min_lr", "schedule_shape", "warmup_ratio")
 
 
 def check_image_size(image_size: int) -> int:
@@ -74,19 +78,22 @@ def level_cells(
 class MultiLevelModule(pl.LightningModule):
     """Base LightningModule: network trunk, montages, optimisation and the kNN monitor.
 
-    Subclasses implement ``training_step``. Validation batches come from two loaders: the labelled kNN bank
-    (``dataloader_idx=BANK_LOADER``) and the labelled validation split (``dataloader_idx=VAL_LOADER``); the
-    :class:`~mcl.knn.KNNAccuracy` submodule ``knn`` collects their pooled features and gives ``val/knn_top1``.
+    Subclasses implement ``training_step`` and take their loss module (:mod:`mcl.loss`) with :meth:`set_loss`.
+    Validation batches come from two loaders: the labelled kNN bank (``dataloader_idx=BANK_LOADER``) and the
+    labelled validation split (``dataloader_idx=VAL_LOADER``); the :class:`~mcl.knn.KNNAccuracy` submodule ``knn``
+    collects their pooled features and gives ``val/knn_top1``.
     """
+
+    # The loss a subclass builds for its levels when it is given none.
+    default_loss: ClassVar[type[MultiLevelLoss]]
 
     def __init__(
         self,
         backbone: dict[str, Any],
         neck: dict[str, Any],
         image_size: int = 64,
-        levels: int = 3,
+        levels: int = DEFAULT_LEVELS,
         montage_counts: str | Sequence[int] = "paper",
-        level_weights: str | Sequence[float] = "paper",
         downscale_mode: str = "nearest",
         head_convs: int = 4,
         optimizer: OptimizerFactory | None = None,
@@ -106,12 +113,6 @@ class MultiLevelModule(pl.LightningModule):
             raise ValueError(f"downscale_mode={downscale_mode!r} is invalid: use one of {DOWNSCALE_MODES}")
         self.montage_rule = montage_counts if isinstance(montage_counts, str) else list(montage_counts)
         count_montages(self.montage_rule, 1, levels)
-        self.level_weights = resolve_level_weights(level_weights, levels)
-        if not any(self.level_weights):
-            raise ValueError(
-                f"level_weights={self.level_weights} is invalid: every level weight is 0, so the loss would be 0 and "
-                "nothing would train; give at least one level a positive weight"
-            )
         if max_weight_norm_ratio is not None and max_weight_norm_ratio <= 1:
             raise ValueError(f"max_weight_norm_ratio={max_weight_norm_ratio} is invalid: use a number > 1 or null")
         self.max_weight_norm_ratio = max_weight_norm_ratio
@@ -136,6 +137,47 @@ class MultiLevelModule(pl.LightningModule):
             official_trunk_init(self.backbone, self.neck, self.head)
         self._generator: torch.Generator | None = None
         self._montage_seed: int | None = None
+
+    # --------------------------------------------------------------------- loss
+    def set_loss(self, loss: MultiLevelLoss | None, kind: type[MultiLevelLoss], choices: str) -> None:
+        """Take ``loss`` (``default_loss`` for this model's levels when ``None``) as ``self.loss``, once it is a
+        ``kind`` built for the same levels; ``choices`` names the ``loss`` configs that build one. The loss's
+        :meth:`~mcl.loss.MultiLevelLoss.config` joins the hyper-parameters in place of the module (call this after
+        ``save_hyperparameters(ignore=[..., "loss"])``)."""
+        loss = self.default_loss(self.levels) if loss is None else loss
+        if not isinstance(loss, kind):
+            raise ValueError(
+                f"{type(self).__name__} needs a {kind.__name__} loss ({choices}), not a {type(loss).__name__}"
+            )
+        if loss.levels != self.levels:
+            raise ValueError(
+                f"loss.levels={loss.levels} but levels={self.levels}: the loss weighs one term per montage level, so "
+                "build it for the model's levels (the loss configs interpolate ${levels})"
+            )
+        self.loss = loss
+        self.save_hyperparameters({"loss": loss.config()})
+
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path: str | Path, map_location: Any = "cpu", strict: bool = True, **overrides: Any
+    ) -> MultiLevelModule:
+        """The model a checkpoint of this library holds, read with ``weights_only=True`` (to ``map_location``, where
+        the model then lives), its loss rebuilt from the saved config; ``overrides`` replace saved hyper-parameters.
+        Checkpoints saved before the loss had a config of its own load too
+        (:func:`mcl.checkpoints.split_loss_hyperparameters`), and so do those saved before the scheduler became a
+        config (their schedule keys are dropped: pass ``scheduler=...`` to train on with a schedule)."""
+        from mcl.checkpoints import load_checkpoint, split_loss_hyperparameters
+
+        checkpoint = load_checkpoint(checkpoint_path, map_location)
+        saved = checkpoint.get("hyper_parameters") or {}
+        saved = {k: v for k, v in saved.items() if k not in LEGACY_SCHEDULE_KEYS}
+        hparams, loss = split_loss_hyperparameters(saved, cls.default_loss)
+        loss.setdefault("levels", hparams.get("levels", DEFAULT_LEVELS))
+        model = cls(**{**hparams, "loss": build_loss(loss), **overrides})
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=strict)
+        device = next((t.device for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor)), None)
+        return model.to(device) if device is not None else model
 
     # ----------------------------------------------------------------- montages
     @property

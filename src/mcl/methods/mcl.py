@@ -10,22 +10,29 @@ from torch import nn
 from mcl.backbones import Backbone
 from mcl.heads import MLP, TileHead
 from mcl.initialization import official_embedding_init
-from mcl.loss import LOSSES, TARGET_ASSIGNMENTS, multi_level_loss, per_image_targets
+from mcl.loss import SIDES, BySideLevel, MultiLevelContrastiveLoss, MultiLevelInfoNCE, per_image_targets
 from mcl.methods.base import MultiLevelModule, level_cells
 from mcl.momentum import cosine_momentum, ema_update, make_target
 
 # Which samples share BatchNorm statistics in a training step (see MCL's docstring).
 BN_GROUPS = ("per_side", "per_side_plain_target", "joint")
-SIDES = (0, 1)
 # One side's montages per level, as ``build_montages`` returns them: ``(montages (M, C, H, W), sources (M, g, g))``.
 SideMontages = list[tuple[torch.Tensor, torch.Tensor]]
-# Tensors of a training step keyed by ``(side, level)``.
-BySideLevel = dict[tuple[int, int], torch.Tensor]
 
 
 def split_sides(joined: torch.Tensor, sizes: list[int], level: int) -> BySideLevel:
     """Rows of both sides, side 0 first, as ``{(side, level): rows}``."""
     return {(side, level): rows for side, rows in zip(SIDES, joined.split(sizes), strict=True)}
+
+
+def cell_sources(montages: list[SideMontages]) -> BySideLevel:
+    """The batch index of every cell's image, ``(M * 4**level,)`` in ``sources.flatten()`` order, keyed by
+    ``(side, level)``."""
+    return {
+        (side, level): sources.flatten()
+        for side, side_montages in zip(SIDES, montages, strict=True)
+        for level, (_, sources) in enumerate(side_montages)
+    }
 
 
 class Network(NamedTuple):
@@ -45,7 +52,10 @@ class MCL(MultiLevelModule):
     """Online network (backbone -> pyramid -> tile head -> projector -> per-level predictor) against an EMA target.
 
     A training batch is ``(views, labels)`` with ``views`` ``(B, 2, levels, C, H, W)``: for each augmentation side,
-    one view per level. Labels are ignored. Keyword arguments not listed here go to :class:`MultiLevelModule`.
+    one view per level. Labels are ignored. ``loss`` is a :class:`~mcl.loss.MultiLevelContrastiveLoss` built for
+    ``levels`` (the ``loss`` config group: ``infonce``, ``byol``; :class:`~mcl.loss.MultiLevelInfoNCE` with its
+    defaults when ``None``): it holds the level weights, the temperature and the target assignment. Keyword arguments
+    not listed here go to :class:`MultiLevelModule`.
 
     ``bn_groups`` chooses which samples share BatchNorm statistics (train mode) in the online and target passes:
 
@@ -58,12 +68,12 @@ class MCL(MultiLevelModule):
       each predictor over both sides; the target embeds both sides' plain views together. Fewest kernel launches.
     """
 
+    default_loss = MultiLevelInfoNCE
+
     def __init__(
         self,
         *args: Any,
-        loss: str = "infonce",
-        temperature: float = 1.0,
-        target_assignment: str = "top",
+        loss: MultiLevelContrastiveLoss | None = None,
         bn_groups: str = "per_side",
         projector_hidden_dim: int = 2048,
         embedding_dim: int = 256,
@@ -72,28 +82,21 @@ class MCL(MultiLevelModule):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        if loss not in LOSSES:
-            raise ValueError(f"loss={loss!r} is invalid: use one of {LOSSES}")
-        if target_assignment not in TARGET_ASSIGNMENTS:
-            raise ValueError(f"target_assignment={target_assignment!r} is invalid: use one of {TARGET_ASSIGNMENTS}")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "loss"])
+        self.set_loss(loss, MultiLevelContrastiveLoss, "loss=infonce or loss=byol")
         if bn_groups not in BN_GROUPS:
             raise ValueError(f"bn_groups={bn_groups!r} is invalid: use one of {BN_GROUPS}")
-        if bn_groups == "per_side_plain_target" and target_assignment != "top":
+        assignment = self.loss.target_assignment
+        if bn_groups == "per_side_plain_target" and assignment != "top":
             raise ValueError(
-                f"bn_groups=per_side_plain_target needs target_assignment=top: with {target_assignment!r} the target "
+                f"bn_groups=per_side_plain_target needs loss.target_assignment=top: with {assignment!r} the target "
                 "network embeds the montages themselves; use bn_groups=per_side"
             )
-        if temperature <= 0:
-            raise ValueError(f"temperature={temperature} is invalid: it must be > 0")
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(
                 f"base_momentum={base_momentum}, final_momentum={final_momentum} are invalid: "
                 "they need 0 <= base_momentum <= final_momentum <= 1"
             )
-        self.loss_name = loss
-        self.temperature = temperature
-        self.target_assignment = target_assignment
         self.bn_groups = bn_groups
         self.base_momentum = base_momentum
         self.final_momentum = final_momentum
@@ -150,8 +153,16 @@ class MCL(MultiLevelModule):
         return out
 
     def online_pass(self, montages: list[SideMontages]) -> BySideLevel:
-        """Predictions ``(M * 4**level, embedding_dim)`` of every online cell, keyed by ``(side, level)``, in
-        ``sources.flatten()`` order. ``montages[side]`` comes from :meth:`build_montages`."""
+        """The online network on both sides' montages.
+
+        Args:
+            montages: ``montages[side]`` from :meth:`build_montages`: per level, ``(montages (M, C, H, W),
+                sources (M, 2**level, 2**level))``.
+
+        Returns:
+            ``{(side, level): predictions}`` for both sides and every level, ``(M * 4**level, embedding_dim)``: the
+            level's predictor applied to every cell, in ``sources.flatten()`` order.
+        """
         joint = self.bn_groups == "joint"
         images = [[level_montages for level_montages, _ in side] for side in montages]
         embeddings = self.embed(self.online, images, joint)
@@ -165,8 +176,16 @@ class MCL(MultiLevelModule):
 
     @torch.no_grad()
     def target_pass(self, views: torch.Tensor, montages: list[SideMontages]) -> tuple[BySideLevel, BySideLevel | None]:
-        """Target embeddings ``(B, embedding_dim)`` keyed by ``(side, target level)`` and, beyond ``top``, the
-        ``(B,)`` masks of the images present at each level.
+        """The target network (no gradient) on both sides, for the loss's target assignment.
+
+        Args:
+            views: ``(B, 2, levels, C, H, W)``, the batch the montages were built from.
+            montages: as :meth:`online_pass` takes them.
+
+        Returns:
+            ``{(side, j): targets}``, ``(B, embedding_dim)`` per side and target level ``j`` (``j = 0`` only for
+            ``top``, every level otherwise), and beyond ``top`` ``{(side, j): present}``, the ``(B,)`` masks of the
+            images that have a cell at level ``j`` (``None`` for ``top``).
 
         ``top``: each image's level-0 embedding (its plain view; whether the montages join the backbone's
         statistics follows ``bn_groups``). ``same-level`` and ``all-levels``: the target network embeds the same
@@ -176,7 +195,7 @@ class MCL(MultiLevelModule):
         """
         joint = self.bn_groups == "joint"
         batch = len(views)
-        if self.target_assignment == "top":
+        if self.loss.target_assignment == "top":
             plain = [views[:, side, 0] for side in SIDES]
             if self.bn_groups == "per_side":
                 images = [[plain[side]] + [m for m, _ in montages[side][1:]] for side in SIDES]
@@ -197,18 +216,7 @@ class MCL(MultiLevelModule):
         montages = [self.build_montages(views[:, side]) for side in SIDES]
         predictions = self.online_pass(montages)
         targets, present = self.target_pass(views, montages)
-        levels = range(self.levels)
-        target_levels = range(1 if self.target_assignment == "top" else self.levels)
-        return multi_level_loss(
-            [[predictions[side, level] for level in levels] for side in SIDES],
-            [[sources.flatten() for _, sources in side] for side in montages],
-            [[targets[side, level] for level in target_levels] for side in SIDES],
-            self.level_weights,
-            self.loss_name,
-            self.temperature,
-            self.target_assignment,
-            None if present is None else [[present[side, level] for level in target_levels] for side in SIDES],
-        )
+        return self.loss(predictions, cell_sources(montages), targets, present)
 
     def setup(self, stage: str) -> None:
         """Refuse a global batch of one image: InfoNCE against a single target is 0 and nothing would train."""

@@ -2,7 +2,8 @@
 
 S augmented views of each labelled image; view s is shrunk by ``2**s`` and tiled into level-s montages, the labels
 are assembled in the same cell order, and the shared pyramid + tile head + a linear classifier give one logit vector
-per cell. Loss = sum over levels of ``w_s * cross_entropy``. It shares montages, pyramid and head with :class:`MCL`.
+per cell. Loss = sum over levels of ``w_s * cross_entropy`` (:class:`mcl.loss.MultiLevelCrossEntropy`). It shares
+montages, pyramid and head with :class:`MCL`.
 
 ``classifier_input="pooled_c5"`` with ``levels=1`` is plain supervised pretraining instead: one view per image and a
 linear classifier on the globally pooled C5, with no pyramid or tile head (the transfer benchmark's control).
@@ -13,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mcl.loss import MultiLevelCrossEntropy
 from mcl.methods.base import VAL_LOADER, MultiLevelModule, level_cells
 from mcl.montage import assemble_levels
 
@@ -32,19 +33,24 @@ class SupervisedMultiLevel(MultiLevelModule):
     """Multi-level cross-entropy on montages of labelled views.
 
     A training batch is ``(views, labels)`` with ``views`` ``(B, levels, C, H, W)`` (one view per level) and
-    ``labels`` ``(B,)`` in ``0..num_classes-1``. Keyword arguments not listed here go to :class:`MultiLevelModule`.
+    ``labels`` ``(B,)`` in ``0..num_classes-1``. ``loss`` is a :class:`~mcl.loss.MultiLevelCrossEntropy` built for
+    ``levels`` (``loss=cross_entropy``, which ``method=supervised`` selects; its defaults when ``None``): it holds the
+    level weights and the label smoothing. Keyword arguments not listed here go to :class:`MultiLevelModule`.
     """
+
+    default_loss = MultiLevelCrossEntropy
 
     def __init__(
         self,
         *args: Any,
+        loss: MultiLevelCrossEntropy | None = None,
         num_classes: int = 10,
-        label_smoothing: float = 0.0,
         classifier_input: str = "tiles",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "loss"])
+        self.set_loss(loss, MultiLevelCrossEntropy, "loss=cross_entropy")
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} is invalid: a classifier needs at least 2 classes")
         if classifier_input not in CLASSIFIER_INPUTS:
@@ -55,7 +61,6 @@ class SupervisedMultiLevel(MultiLevelModule):
                 "set levels=1, or classifier_input=tiles for the multi-level method"
             )
         self.num_classes = num_classes
-        self.label_smoothing = label_smoothing
         self.classifier_input = classifier_input
         if classifier_input == "pooled_c5":
             # No pyramid or tile head: nothing but the backbone is trained, exported or transferred.
@@ -92,14 +97,8 @@ class SupervisedMultiLevel(MultiLevelModule):
         """Total loss and per-level logs for ``views`` ``(B, levels, C, H, W)`` and ``labels`` ``(B,)``."""
         self.check_views(views, level_axis=1)
         self.check_labels(labels)
-        total = views.new_zeros((), dtype=torch.float32)
-        logs: dict[str, torch.Tensor] = {}
-        for level, (logits, cell_labels) in enumerate(self.level_logits(self.build_montages(views), labels)):
-            loss = F.cross_entropy(logits.float(), cell_labels, label_smoothing=self.label_smoothing)
-            total = total + self.level_weights[level] * loss
-            logs[f"loss_level{level}"] = loss.detach()
-            logs[f"acc_level{level}"] = (logits.argmax(1) == cell_labels).float().mean().detach() * 100
-        return total, logs
+        logits, cell_labels = zip(*self.level_logits(self.build_montages(views), labels), strict=True)
+        return self.loss(logits, cell_labels)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
