@@ -107,11 +107,3 @@ def test_collect_wandb_without_a_key_says_how_to_get_one(monkeypatch, tmp_path, 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no stored key either
     assert main(["me/mcl", "--wandb"]) == 2
     assert "--wandb reads runs from the W&B servers and needs an API key: run `wandb login`" in capsys.readouterr().err
-
-
-def test_long_override_lists_get_short_unique_folder_names():
-    from mcl.runtime import short_dirname
-
-    assert short_dirname("levels=2,seed=1") == "levels=2,seed=1"
-    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
-    assert len(short_dirname(long_a)) == 120 and short_dirname(long_a) != short_dirname(long_b)
