@@ -320,6 +320,8 @@ def markdown(
 ) -> str:
     baseline = seed_values(results[BASELINE], "AP")
     pm = lambda values: "{:.1f} ± {:.1f}".format(*mean_std(values))  # noqa: E731
+    # The fine-tuning overrides beyond the frozen stages, which the text names on their own.
+    extra_finetune = [o for o in s["finetune_overrides"] if not o.startswith("model.frozen_stages=")]
     lines = [
         f"# Transfer benchmark ({name}): Fashion-MNIST canvases, Faster R-CNN R18-FPN v2",
         "",
@@ -334,11 +336,7 @@ def markdown(
         f"on {s['train_canvases']} canvases of "
         f"{s['canvas']} px (items of Fashion-MNIST's training split), RoIs pooled by "
         f"{ROI_LEVELS[s.get('roi_levels', 'torchvision')]}, "
-        + (
-            f"extra overrides {list(s['finetune_overrides'][bool(s['frozen_stages']) :])}, "
-            if len(s["finetune_overrides"]) > bool(s["frozen_stages"])
-            else ""
-        )
+        + (f"extra overrides {extra_finetune}, " if extra_finetune else "")
         + "SGD with "
         + (
             f"the lr picked per row from {list(s['lrs'])} by AP on a held-out {s['heldout_fraction']:.0%} of the "
