@@ -9,6 +9,8 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The smallest crop area of the supervised recipe (BYOL's sides use data.min_scale, 0.2 by default).
+SUPERVISED_MIN_SCALE = 0.08
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
@@ -29,6 +31,11 @@ def _crop(image_size: int, min_scale: float, zoom_out: float, zoom_out_p: float)
     return [*crop, zoom, v2.Resize((image_size, image_size), antialias=True)]
 
 
+def blur_kernel_size(image_size: int) -> int:
+    """The Gaussian blur kernel of a view: odd, about 10% of the image side (23 at 224 px), at least 3."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
 def byol_view(
     image_size: int,
     blur_p: float,
@@ -44,7 +51,7 @@ def byol_view(
 ) -> v2.Compose:
     """One side of BYOL's asymmetric augmentation; the blur kernel is ~10% of the image, as at 224 px (23).
     ``zoom_out``: see ``_crop`` (1: off, BYOL's recipe)."""
-    kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
+    kernel = blur_kernel_size(image_size)
     return v2.Compose(
         [
             *_crop(image_size, min_scale, zoom_out, zoom_out_p),
@@ -60,7 +67,7 @@ def byol_view(
 
 def supervised_view(
     image_size: int,
-    min_scale: float = 0.08,
+    min_scale: float = SUPERVISED_MIN_SCALE,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     zoom_out: float = 1.0,

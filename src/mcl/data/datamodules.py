@@ -14,7 +14,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from mcl.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiView, byol_view, eval_view, supervised_view
+from mcl.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SUPERVISED_MIN_SCALE,
+    MultiView,
+    byol_view,
+    eval_view,
+    supervised_view,
+)
+from mcl.data.device import DeviceViews, ShrinkToFit, SourceBatch, collate_sources
 from mcl.data.sources import (
     FASHION_MNIST_ROOT,
     ImageFolderImages,
@@ -25,6 +34,9 @@ from mcl.data.sources import (
 )
 
 VIEW_MODES = ("byol", "supervised")
+# Where training views are made: in the DataLoader workers (torchvision), or on the batch's device after the
+# transfer (mcl.data.device: the workers only decode).
+AUGMENT_ON = ("cpu", "device")
 # BYOL's asymmetric sides: Gaussian blur and solarisation probabilities for side A and side B.
 BLUR_P = (1.0, 0.1)
 SOLARIZE_P = (0.0, 0.2)
@@ -91,6 +103,10 @@ class MultiLevelDataModule(pl.LightningDataModule):
         view_mode: ``"byol"`` (two asymmetric sides, ``(2, S, C, H, W)`` per image) or ``"supervised"``
             (``(S, C, H, W)``).
         train_size / bank_size / val_size: fixed random subsets (null for all).
+        augment_on: ``"cpu"`` (views made by the DataLoader workers) or ``"device"`` (the workers decode and
+            shrink images to ``source_max_side``; :class:`~mcl.data.device.DeviceViews` makes the views on the
+            device the batch is moved to, in :meth:`on_after_batch_transfer`). Validation images are made on the CPU
+            either way (a resize and a centre crop).
     """
 
     def __init__(
@@ -113,11 +129,20 @@ class MultiLevelDataModule(pl.LightningDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         pin_memory: bool = True,
+        augment_on: str = "cpu",
+        source_max_side: int | None = 512,
         seed: int = 0,
     ):
         super().__init__()
         if view_mode not in VIEW_MODES:
             raise ValueError(f"data.view_mode={view_mode!r} is invalid: use one of {VIEW_MODES}")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"data.augment_on={augment_on!r} is invalid: use one of {AUGMENT_ON}")
+        if augment_on == "device" and zoom_out != 1:
+            raise ValueError(
+                f"data.zoom_out={zoom_out} is not available with data.augment_on=device: set data.zoom_out=1 or "
+                "make the views on the CPU (data.augment_on=cpu)"
+            )
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} is invalid: it must be at least 1")
         if zoom_out < 1 or not 0 <= zoom_out_p <= 1:
@@ -141,6 +166,9 @@ class MultiLevelDataModule(pl.LightningDataModule):
         self.zoom = {"zoom_out": zoom_out, "zoom_out_p": zoom_out_p}
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.augment_on = augment_on
+        self.shrink = ShrinkToFit(source_max_side)
+        self.device_views: DeviceViews | None = None
         self.seed = seed
         self.train_set: Dataset | None = None
 
@@ -148,7 +176,11 @@ class MultiLevelDataModule(pl.LightningDataModule):
     def sources(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
 
-    def train_transform(self) -> MultiView:
+    def train_transform(self) -> MultiView | ShrinkToFit:
+        """What a worker does to a training image: all its views (``augment_on=cpu``), or only the shrinking
+        (``augment_on=device``; :meth:`make_device_views` does the rest)."""
+        if self.augment_on == "device":
+            return self.shrink
         if self.view_mode == "supervised":
             side = supervised_view(self.image_size, mean=self.mean, std=self.std, **self.zoom)
             return MultiView([side], self.views_per_side, squeeze_sides=True)
@@ -157,6 +189,30 @@ class MultiLevelDataModule(pl.LightningDataModule):
             for blur, solarize in zip(BLUR_P, SOLARIZE_P, strict=True)
         ]
         return MultiView(sides, self.views_per_side)
+
+    def make_device_views(self) -> DeviceViews:
+        """The device twin of :meth:`train_transform`'s views: same crops, sides and normalisation."""
+        if self.view_mode == "supervised":
+            return DeviceViews(
+                self.image_size, self.views_per_side, None, SUPERVISED_MIN_SCALE, mean=self.mean, std=self.std
+            )
+        return DeviceViews(
+            self.image_size,
+            self.views_per_side,
+            list(zip(BLUR_P, SOLARIZE_P, strict=True)),
+            mean=self.mean,
+            std=self.std,
+            **self.augment,
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``augment_on=device``, turn a training :class:`~mcl.data.device.SourceBatch` (now on the device)
+        into ``(views, labels)``, the batch the methods train on; other batches pass unchanged."""
+        if isinstance(batch, SourceBatch):
+            if self.device_views is None:
+                self.device_views = self.make_device_views()
+            return self.device_views(batch), batch.labels
+        return batch
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -187,6 +243,7 @@ class MultiLevelDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_sources if train and self.augment_on == "device" else None,
         )
 
     def train_dataloader(self) -> DataLoader:
