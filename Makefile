@@ -7,14 +7,16 @@ STAMP     := $(VENV)/.installed
 FMNIST    := /usr/share/datasets/fashion-mnist
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS      ?=
+DATA_ARGS ?=
 
-.PHONY: help venv data train test test-fast lint format bench faults transfer notebooks clean
+.PHONY: help venv data train test test-fast lint format bench bench-data faults transfer notebooks clean
 
 help:
 	@echo "make train   pretrain resnet18 with MCL (3 levels) on Fashion-MNIST, CPU-sized; ARGS='key=value ...'"
 	@echo "make test    run the test suite (CPU)"
 	@echo "make lint    ruff check"
-	@echo "make bench   FLOPs and step-time ratios of levels 1..4 -> benchmarks/results/cost.json"
+	@echo "make bench   FLOPs and step-time ratios of levels 1..4 -> benchmarks/results/cost.json, then make bench-data"
+	@echo "make bench-data images/s of the CPU and device view pipelines and of the model step -> benchmarks/results/data.md"
 	@echo "make faults  kill, rerun and concurrent-run cases against mcl-train -> benchmarks/results/faults.md"
 	@echo "make transfer transfer benchmark: 4 rows x Faster R-CNN fine-tuning, lr grid + 3 seeds each (< 90 min); ARGS=--full"
 	@echo "make notebooks install JupyterLab into the venv (the [notebooks] extra) and open notebooks/"
@@ -53,6 +55,10 @@ format: venv
 
 bench: venv
 	$(PY) benchmarks/cost.py $(ARGS)
+	$(PY) benchmarks/data.py $(DATA_ARGS)
+
+bench-data: venv
+	$(PY) benchmarks/data.py $(DATA_ARGS)
 
 faults: venv
 	$(PY) benchmarks/faults.py $(ARGS)

@@ -46,6 +46,17 @@ def test_supervised_short_run_reports_per_level_accuracy(tiny_cfg, backbone):
     assert checkpoint["hyper_parameters"]["levels"] == 3
 
 
+@pytest.mark.parametrize("method", ["mcl", "supervised"])
+def test_short_run_with_views_made_on_the_device(tiny_cfg, method):
+    # On this CPU-only machine "the device" is the CPU: the same path a GPU run takes after the batch transfer.
+    extra = ["method=supervised", "method.num_classes=4"] if method == "supervised" else []
+    cfg = tiny_cfg("data.augment_on=device", *extra)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert 0.0 <= metrics["val/knn_top1"] <= 100.0
+    assert (checkpoint_dir(cfg) / "last.ckpt").is_file()
+
+
 def test_supervised_labels_beyond_the_classifier_name_the_key(tiny_cfg):
     with pytest.raises(ValueError, match="set method.num_classes"):
         train(tiny_cfg("method=supervised", "method.num_classes=3", "validate_at_init=false"))
