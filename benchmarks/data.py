@@ -54,6 +54,8 @@ SOURCE_SIZE = (375, 500)  # height, width
 SOURCE_MAX_SIDE = 512
 # Peak dense bf16 tensor FLOP/s by the name CUDA reports (vendors' data sheets, SXM parts); unknown chips: no MFU.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+# The model FLOP utilisation assumed for the GPU estimate that a CPU-only run prints.
+ESTIMATE_MFU = 0.4
 # The model-step and end-to-end setting (the issue's target: ResNet-50, 224 px, 3 levels).
 MODEL_LEVELS = 3
 
@@ -240,6 +242,17 @@ def report(results: dict[str, Any], command: str) -> str:
         f"Worker processes needed to keep up with that step: {model['cores_cpu_views']:.1f} with CPU views "
         f"({MODEL_LEVELS} levels), {model['cores_device_views']:.1f} with device views (decode and shrink only).",
     ]
+    if env["device"].startswith("cpu") and sizes["backbone"] == "resnet50":
+        # What a GPU would need, from the counted FLOPs: an estimate, not a measurement.
+        flop_per_image = model["gflop_per_step"] * 1e9 / model["batch"]
+        rate = ESTIMATE_MFU * PEAK_BF16["H100"] / flop_per_image
+        lines += [
+            "",
+            f"Estimate for a GPU (not measured here): an H100 at {100 * ESTIMATE_MFU:.0f}% of its peak bf16 rate would "
+            f"step {rate:.0f} source images/s ({flop_per_image / 1e9:.0f} GFLOP per image); CPU views would need "
+            f"{rate / cpu[f'levels_{MODEL_LEVELS}']:.0f} worker cores at this machine's per-core rate, device views "
+            f"{rate / cpu['decode_shrink']:.0f}.",
+        ]
     e2e = results.get("end_to_end")
     if e2e:
         lines += [
