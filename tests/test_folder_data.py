@@ -318,3 +318,27 @@ def test_pretraining_on_a_folder_writes_last_checkpoint_and_the_skip_count(tmp_p
     storm = ("monitored key", "val_dataloader", "validation_step", "val loop")
     assert not [m for m in messages if any(word in m for word in storm)], messages
     assert "skipped 3 unreadable images of 24" in caplog.text
+
+
+def write_labelled_tree(root: Path, classes: int = 2, per_class: int = 6) -> Path:
+    """An ImageFolder-style tree: one flat colour per class with a little noise."""
+    for label in range(classes):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            pixels = np.clip(noise(32, 32, seed=10 * label + index) // 8 + 200 * label, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_labelled_knn_folders_bring_validation_back(tmp_path):
+    root = write_tree(tmp_path / "photos", extra_jpegs=5)  # 13 readable images: one batch of 8
+    labelled = write_labelled_tree(tmp_path / "labelled")
+    overrides = [*FOLDER_RUN, *SMALL_MCL, f"data.root={root}", "data.num_workers=0"]
+    overrides += [f"data.knn_bank_dir={labelled}", f"data.knn_val_dir={labelled}", "logger=none"]
+    cfg = compose_train(overrides, output_dir=tmp_path / "run")
+    metrics = train(cfg)
+    assert 0 <= metrics["init/knn_top1"] <= 100 and 0 <= metrics["val/knn_top1"] <= 100
+    names = sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir())
+    assert names[-1] == "last.ckpt" and names[0].startswith("epoch000-knn")  # the best by val/knn_top1, as today
