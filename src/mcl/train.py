@@ -117,27 +117,28 @@ def save_hydra_files(cfg: DictConfig, output_dir: Path) -> None:
             OmegaConf.save(content, temporary)
 
 
-def check_validation_settings(cfg: DictConfig, datamodule: pl.LightningDataModule) -> bool:
-    """Whether the run validates (the datamodule has labelled validation data, ``has_validation``). Without it, the
-    settings that need validation metrics are refused by name: ``validate_at_init``, and an ``optimized_metric`` or
-    checkpoint ``monitor`` on a ``val/`` key (it would never be logged)."""
-    if getattr(datamodule, "has_validation", True):
-        return True
+def validates(datamodule: pl.LightningDataModule) -> bool:
+    """Whether the datamodule has labelled validation data (``has_validation``; datamodules without the property
+    do)."""
+    return bool(getattr(datamodule, "has_validation", True))
+
+
+def check_validation_settings(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """Without validation data (:func:`validates`), refuse by name the settings that need validation metrics:
+    ``validate_at_init``, and an ``optimized_metric`` or checkpoint ``monitor`` on a ``val/`` key (never logged)."""
+    if validates(datamodule):
+        return
     needs = ["validate_at_init=true"] if cfg.get("validate_at_init") else []
-    metric = cfg.get("optimized_metric")
-    if metric and str(metric).startswith("val/"):
-        needs.append(f"optimized_metric={metric}")
+    metrics = {"optimized_metric": cfg.get("optimized_metric")}
     for name, callback in (cfg.get("callbacks") or {}).items():
-        monitor = callback.get("monitor") if callback else None
-        if monitor and str(monitor).startswith("val/") and f"optimized_metric={monitor}" not in needs:
-            needs.append(f"callbacks.{name}.monitor={monitor}")
+        metrics[f"callbacks.{name}.monitor"] = callback.get("monitor") if callback else None
+    needs += [f"{key}={value}" for key, value in metrics.items() if value and str(value).startswith("val/")]
     if needs:
         raise ValueError(
-            f"{', '.join(needs)} need validation metrics, but {type(datamodule).__name__} has no labelled validation "
-            "data: drop these settings, or (data=folder) give labelled folders for the kNN monitor with "
+            f"{', '.join(needs)}: these need validation metrics, but {type(datamodule).__name__} has no labelled "
+            "validation data. Drop these settings, or (data=folder) give labelled folders for the kNN monitor with "
             "data.knn_bank_dir=... data.knn_val_dir=..."
         )
-    return False
 
 
 def new_wandb_id() -> str:
@@ -213,7 +214,7 @@ def run_in_folder(
         save_hydra_files(cfg, output_dir)
         record("running")
     # Without validation data the validation loop is off, so Lightning does not warn that it has no loaders.
-    validation = {} if getattr(datamodule, "has_validation", True) else {"limit_val_batches": 0}
+    validation = {} if validates(datamodule) else {"limit_val_batches": 0}
     trainer = instantiate_trainer(cfg, wandb_id=wandb_id, **validation)
     metrics: dict[str, float] = dict(previous) if ckpt_path else {}
     try:
