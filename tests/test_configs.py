@@ -138,6 +138,8 @@ def test_data_options_instantiate(data, tmp_path):
     overrides = [f"data={data}"]
     if data == "imagefolder":
         overrides += [f"data.train_dir={tmp_path}", f"data.val_dir={tmp_path}"]
+    if data == "folder":
+        overrides += [f"data.root={tmp_path}"]
     datamodule = hydra.utils.instantiate(compose_train(overrides).data)
     assert isinstance(datamodule, pl.LightningDataModule)
     assert datamodule.views_per_side == 3 and datamodule.image_size == 64

@@ -9,8 +9,8 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["ablation", "montage_gallery", "transfer_analysis"]
+def test_the_four_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == ["ablation", "montage_gallery", "own_data", "transfer_analysis"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -1,6 +1,6 @@
 """What every entry point (``mcl-train``, ``mcl-linear``, ``mcl-finetune``, ``mcl-collect``) needs around its
 Trainer: where the configs are, W&B's mode, loggers, callbacks and the Trainer from a composed config, the
-``metrics.json`` file, and the job folder names of a multirun.
+``metrics.json`` file, the job folder names of a multirun, and the ``mcl_if_set`` resolver of the configs.
 """
 
 from __future__ import annotations
@@ -55,8 +55,16 @@ def short_dirname(overrides: str, limit: int = DIRNAME_LIMIT) -> str:
     return f"{overrides[: limit - 9]}-{digest}"
 
 
+def if_set(value: Any, then: Any, otherwise: Any) -> Any:
+    """``then`` when ``value`` is set (neither null nor empty), else ``otherwise``: a config key that follows an
+    optional one, e.g. ``${mcl_if_set:${data.knn_val_dir},val/knn_top1,null}`` in ``conf/data/folder.yaml``."""
+    return then if value not in (None, "") else otherwise
+
+
 if not OmegaConf.has_resolver("mcl_dirname"):
     OmegaConf.register_new_resolver("mcl_dirname", short_dirname)
+if not OmegaConf.has_resolver("mcl_if_set"):
+    OmegaConf.register_new_resolver("mcl_if_set", if_set)
 
 
 def wandb_has_key() -> bool:

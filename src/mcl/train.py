@@ -117,6 +117,30 @@ def save_hydra_files(cfg: DictConfig, output_dir: Path) -> None:
             OmegaConf.save(content, temporary)
 
 
+def validates(datamodule: pl.LightningDataModule) -> bool:
+    """Whether the datamodule has labelled validation data (``has_validation``; datamodules without the property
+    do)."""
+    return bool(getattr(datamodule, "has_validation", True))
+
+
+def check_validation_settings(cfg: DictConfig, datamodule: pl.LightningDataModule) -> None:
+    """Without validation data (:func:`validates`), refuse by name the settings that need validation metrics:
+    ``validate_at_init``, and an ``optimized_metric`` or checkpoint ``monitor`` on a ``val/`` key (never logged)."""
+    if validates(datamodule):
+        return
+    needs = ["validate_at_init=true"] if cfg.get("validate_at_init") else []
+    metrics = {"optimized_metric": cfg.get("optimized_metric")}
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        metrics[f"callbacks.{name}.monitor"] = callback.get("monitor") if callback else None
+    needs += [f"{key}={value}" for key, value in metrics.items() if value and str(value).startswith("val/")]
+    if needs:
+        raise ValueError(
+            f"{', '.join(needs)}: these need validation metrics, but {type(datamodule).__name__} has no labelled "
+            "validation data. Drop these settings, or (data=folder) give labelled folders for the kNN monitor with "
+            "data.knn_bank_dir=... data.knn_val_dir=..."
+        )
+
+
 def new_wandb_id() -> str:
     """A W&B run id (8 lowercase hex characters), chosen before the run starts so that a resume can reuse it."""
     return uuid.uuid4().hex[:8]
@@ -127,7 +151,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     are also written to ``<output_dir>/metrics.json``.
 
     With ``validate_at_init`` it first measures the kNN top-1 of the backbone at initialisation
-    (``init/knn_top1``), so a run shows what pretraining added.
+    (``init/knn_top1``), so a run shows what pretraining added. Data without labelled validation sets
+    (``data=folder`` without kNN folders) trains without any validation loop (:func:`check_validation_settings`).
+    Counts the datamodule reports (``data/skipped_images``) join the metrics.
 
     The run folder is owned by one run at a time (:class:`mcl.runs.RunLock`). Nothing in it changes before the
     config has built a model and data. A rerun of a finished run does nothing and returns its metrics, unless it
@@ -138,6 +164,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.output_dir)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.method, _convert_="all")
+    check_validation_settings(cfg, datamodule)
     lock = RunLock(output_dir) if rank_zero_only.rank == 0 else None
     if lock is not None:
         lock.acquire()
@@ -186,7 +213,9 @@ def run_in_folder(
     if is_zero:
         save_hydra_files(cfg, output_dir)
         record("running")
-    trainer = instantiate_trainer(cfg, wandb_id=wandb_id)
+    # Without validation data the validation loop is off, so Lightning does not warn that it has no loaders.
+    validation = {} if validates(datamodule) else {"limit_val_batches": 0}
+    trainer = instantiate_trainer(cfg, wandb_id=wandb_id, **validation)
     metrics: dict[str, float] = dict(previous) if ckpt_path else {}
     try:
         with closing_loggers(trainer):
@@ -196,6 +225,8 @@ def run_in_folder(
                     metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(results).items()})
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
             metrics.update(scalar_metrics(trainer.callback_metrics))
+            if hasattr(datamodule, "data_report"):
+                metrics.update(datamodule.data_report())
     except BaseException:
         if is_zero:
             record("failed")

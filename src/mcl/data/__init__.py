@@ -2,6 +2,7 @@
 
 from mcl.data.datamodules import (
     FashionMNISTDataModule,
+    FolderDataModule,
     ImageFolderDataModule,
     MultiLevelDataModule,
     SyntheticDataModule,
@@ -10,6 +11,7 @@ from mcl.data.sources import MissingDatasetError
 
 __all__ = [
     "FashionMNISTDataModule",
+    "FolderDataModule",
     "ImageFolderDataModule",
     "MissingDatasetError",
     "MultiLevelDataModule",

@@ -1,11 +1,13 @@
 """LightningDataModules. Training batches carry augmented views only; montages are assembled on the device by the
 LightningModule after the batch is transferred.
 
-Validation has two labelled loaders for the kNN monitor: the bank (a training subset) and the validation split.
+Validation has two labelled loaders for the kNN monitor: the bank (a training subset) and the validation split. A
+source without labelled data (:class:`FolderDataModule` without kNN folders) has no validation at all.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from mcl.data.augment import (
 from mcl.data.device import DeviceViews, ShrinkToFit, SourceBatch, collate_sources
 from mcl.data.sources import (
     FASHION_MNIST_ROOT,
+    ON_CORRUPT,
+    ImageFiles,
     ImageFolderImages,
     MissingDatasetError,
     TensorImages,
@@ -33,6 +37,7 @@ from mcl.data.sources import (
     synthetic_images,
 )
 
+log = logging.getLogger(__name__)
 VIEW_MODES = ("byol", "supervised")
 # Where training views are made: in the DataLoader workers (torchvision), or on the batch's device after the
 # transfer (mcl.data.device: the workers only decode).
@@ -85,17 +90,21 @@ class Transformed(Dataset):
 
 
 def fixed_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
-    """A deterministic random subset of ``size`` items (all of them when ``size`` is None or not smaller)."""
+    """A deterministic random subset of ``size`` items (all of them when ``size`` is None or not smaller). The subset
+    of an :class:`ImageFiles` source is an ``ImageFiles`` of those files, so that skipping an unreadable file stays
+    within the subset and its count is the subset's."""
     if size is None or size >= len(dataset):
         return dataset
     if size < 1:
         raise ValueError(f"a subset size of {size} is invalid: it must be at least 1 (or null for all)")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    return Subset(dataset, order[:size].sort().values.tolist())
+    indices = order[:size].sort().values.tolist()
+    return dataset.select(indices) if isinstance(dataset, ImageFiles) else Subset(dataset, indices)
 
 
 class MultiLevelDataModule(pl.LightningDataModule):
-    """Base datamodule: subclasses return raw ``(train, bank, val)`` sources from :meth:`sources`.
+    """Base datamodule: subclasses return raw ``(train, bank, val)`` sources from :meth:`sources`; a subclass whose
+    :attr:`has_validation` is False returns ``(train, None, None)`` and gets no validation loaders.
 
     Args:
         image_size: view size ``H`` (a multiple of 32).
@@ -173,8 +182,18 @@ class MultiLevelDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
 
     # Subclasses implement this.
-    def sources(self) -> tuple[Dataset, Dataset, Dataset]:
+    def sources(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
         raise NotImplementedError
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether there are labelled bank and validation sets, for the kNN monitor (``val/knn_top1``)."""
+        return True
+
+    def data_report(self) -> dict[str, float]:
+        """What reading the training data met, logged and returned as ``data/*`` metrics for ``metrics.json``; in-memory
+        sources have nothing to report. Call it after training, on every rank."""
+        return {}
 
     def train_transform(self) -> MultiView | ShrinkToFit:
         """What a worker does to a training image: all its views (``augment_on=cpu``), or only the shrinking
@@ -218,21 +237,24 @@ class MultiLevelDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         train, bank, val = self.sources()
-        train = fixed_subset(train, self.train_size, self.seed)
-        bank = fixed_subset(bank, self.bank_size, self.seed + 1)
-        val = fixed_subset(val, self.val_size, self.seed + 2)
-        for name, dataset in (("training", train), ("kNN bank", bank), ("validation", val)):
+        splits = {"training": fixed_subset(train, self.train_size, self.seed)}
+        if self.has_validation:
+            splits["kNN bank"] = fixed_subset(bank, self.bank_size, self.seed + 1)
+            splits["validation"] = fixed_subset(val, self.val_size, self.seed + 2)
+        for name, dataset in splits.items():
             if len(dataset) == 0:
                 raise MissingDatasetError(f"the {name} set of {type(self).__name__} is empty")
+        train = splits["training"]
         if len(train) < self.batch_size:
             raise ValueError(
                 f"the training set has {len(train)} images, fewer than data.batch_size={self.batch_size}: "
                 "lower the batch size or use more data"
             )
-        evaluate = eval_view(self.image_size, mean=self.mean, std=self.std)
         self.train_set = Transformed(train, self.train_transform())
-        self.bank_set = Transformed(bank, evaluate)
-        self.val_set = Transformed(val, evaluate)
+        if self.has_validation:
+            evaluate = eval_view(self.image_size, mean=self.mean, std=self.std)
+            self.bank_set = Transformed(splits["kNN bank"], evaluate)
+            self.val_set = Transformed(splits["validation"], evaluate)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(
@@ -250,6 +272,10 @@ class MultiLevelDataModule(pl.LightningDataModule):
         return self._loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> list[DataLoader]:
+        """``[bank, validation]``; none without validation data (the Trainer then runs with ``limit_val_batches=0``,
+        see :func:`mcl.train.train`)."""
+        if not self.has_validation:
+            return []
         return [
             self._loader(self.bank_set, self.eval_batch_size, train=False),
             self._loader(self.val_set, self.eval_batch_size, train=False),
@@ -299,3 +325,76 @@ class SyntheticDataModule(MultiLevelDataModule):
         train = TensorImages(*synthetic_images(self.num_train, self.num_classes, size, self.seed, noise_seed=0))
         val = TensorImages(*synthetic_images(self.num_val, self.num_classes, size, self.seed, noise_seed=1))
         return train, train, val
+
+
+class FolderDataModule(MultiLevelDataModule):
+    """Unlabelled images for pretraining: every image under the folder ``root`` (recursively), or every path listed in
+    the text file ``root``; see :class:`~mcl.data.sources.ImageFiles` (formats, order, ``on_corrupt``).
+
+    Without labels there is no validation (:attr:`has_validation` is False) unless ``knn_bank_dir`` and
+    ``knn_val_dir`` name labelled ImageFolder-style trees (``<dir>/<class>/<image>``): they then feed the kNN monitor
+    as the bank and validation split of the other sources do (``bank_size`` / ``val_size`` subsets), and their files
+    must all be readable. Training items are labelled ``UNLABELLED`` (-1), so the supervised view mode is refused.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        on_corrupt: str = "skip",
+        knn_bank_dir: str | None = None,
+        knn_val_dir: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if self.view_mode == "supervised":
+            raise ValueError(
+                "data=folder has no labels (its images are labelled -1), but the supervised view mode needs them "
+                "(method=supervised, mcl-linear): pretrain with method=mcl, or use data=imagefolder with one "
+                "sub-folder per class"
+            )
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"data.on_corrupt={on_corrupt!r} is invalid: use one of {ON_CORRUPT}")
+        if (knn_bank_dir is None) != (knn_val_dir is None):
+            raise ValueError(
+                f"data.knn_bank_dir={knn_bank_dir} and data.knn_val_dir={knn_val_dir}: set both (labelled bank and "
+                "validation folders for the kNN monitor) or neither (no validation)"
+            )
+        self.root = Path(root).expanduser()
+        if not self.root.exists():
+            raise MissingDatasetError(
+                f"data.root={root} does not exist: point it at a folder of images or at a text file listing image "
+                "paths, one per line"
+            )
+        self.on_corrupt = on_corrupt
+        self.knn_dirs = (Path(knn_bank_dir), Path(knn_val_dir)) if knn_bank_dir is not None else None
+        self.train_images: ImageFiles | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.knn_dirs is not None
+
+    def sources(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
+        train = ImageFiles.from_root(self.root, self.on_corrupt)
+        if self.knn_dirs is None:
+            return train, None, None
+        return train, ImageFolderImages(self.knn_dirs[0]), ImageFolderImages(self.knn_dirs[1])
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.train_images = self.train_set.dataset
+
+    def data_report(self) -> dict[str, float]:
+        """Logs ``skipped N unreadable images of M`` and returns ``{"data/skipped_images": N}``, ``M`` being the
+        training images. With several ranks, each reads its own share of the images: the count is over all of them
+        (every rank must call this)."""
+        if self.train_images is None:
+            return {}
+        flags = self.train_images.unreadable
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            strategy = trainer.strategy
+            flags = strategy.reduce(flags.to(strategy.root_device, torch.int32), reduce_op="sum").cpu() > 0
+        skipped, total = int(flags.sum()), len(flags)
+        if trainer is None or trainer.is_global_zero:
+            (log.warning if skipped else log.info)("skipped %d unreadable images of %d", skipped, total)
+        return {"data/skipped_images": float(skipped)}

@@ -1,15 +1,19 @@
-"""Raw image sources: each item is ``(uint8 (3, H, W) tensor, int label)``; views are made by the datamodule."""
+"""Raw image sources: each item is ``(uint8 (3, H, W) tensor, int label)``; views are made by the datamodule.
+Unlabelled sources (:class:`ImageFiles`) give the label ``UNLABELLED`` (-1).
+"""
 
 from __future__ import annotations
 
 import gzip
+import logging
+import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.v2 import functional as TF
@@ -22,6 +26,9 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+
+
+log = logging.getLogger(__name__)
 
 
 class MissingDatasetError(FileNotFoundError):
@@ -131,3 +138,200 @@ def synthetic_images(
     noise = 0.25 * torch.randn(num_images, 3, image_size, image_size, generator=generator)
     images = (patterns[labels] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)
     return images, labels
+
+
+# Unlabelled images: the label of every item of an ImageFiles source.
+UNLABELLED = -1
+# What a folder source picks up (compared in lower case): the common formats Pillow reads.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+# data.on_corrupt: skip an unreadable file (logged once, the next readable image takes its place) or stop on it.
+ON_CORRUPT = ("skip", "fail")
+# What decoding a damaged or foreign file raises in Pillow: unknown format and I/O errors (UnidentifiedImageError and
+# "image file is truncated" are OSErrors), bad headers or chunks (SyntaxError, ValueError, struct.error, EOFError)
+# and images too large to be safe (DecompressionBombError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class UnreadableImageError(OSError):
+    """An image file that cannot be decoded; the message names the file and the cause."""
+
+
+def check_truncated_images_raise() -> None:
+    """Refuse to read when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is on: Pillow would then fill the missing part of
+    a truncated file with grey instead of raising, and such files would be trained on instead of skipped."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by this program or a library it imported): truncated "
+            "images would be padded with grey instead of being reported. Set it back to False before reading images."
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a Pillow image of any mode.
+
+    Transparent images (RGBA, LA, PA, or a palette with a transparent colour) are composited over black, so
+    transparent pixels are black whatever colour the file stores under them. 16-bit grayscale is scaled to 8 bits
+    (``value * 255 / 65535``) rather than clipped. Modes without a defined 8-bit range (float ``F``, 32-bit ``I``
+    with values beyond 16 bits) raise ``ValueError``.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"mode {image.mode} with values {values.min()}..{values.max()} has no defined 8-bit range")
+        image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    elif image.mode == "F":
+        raise ValueError("floating-point (mode F) images have no defined 8-bit range; convert the file to 8 bits")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))
+        background.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def decode_image(path: str | Path) -> torch.Tensor:
+    """The image file ``path`` as a uint8 ``(3, H, W)`` tensor, upright by its EXIF orientation and converted with
+    :func:`to_rgb`; :class:`UnreadableImageError` names the file when it cannot be decoded whole."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: Image.open reads the header only, and a truncated body raises here
+            return TF.pil_to_tensor(to_rgb(ImageOps.exif_transpose(image)))
+    except DECODE_ERRORS as error:
+        cause = str(error) or type(error).__name__
+        raise UnreadableImageError(f"unreadable image {path}: {cause}") from error
+
+
+def find_images(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The image files under the folder ``root``, in every sub-folder, in a fixed order: each folder's files sorted by
+    name, then its sub-folders in name order (depth first).
+
+    A file counts when its extension, in lower case, is one of ``extensions``. Names starting with ``.`` (hidden
+    files and folders, macOS ``._*`` files) are left out. Linked folders are followed, each real folder once.
+    """
+    root = Path(root)
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in seen:  # a link back to a folder already searched
+            subfolders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found += [
+            Path(folder, name)
+            for name in sorted(files)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
+        ]
+    return found
+
+
+def read_image_list(path: str | Path) -> list[Path]:
+    """The image paths listed in the text file ``path``, one per line, in file order.
+
+    Surrounding whitespace is removed; blank lines and lines starting with ``#`` are ignored. Relative paths are
+    relative to the folder holding the list file, and ``~`` is expanded. Listed files are not opened here: a missing
+    one is reported when it is read, like any unreadable file.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise MissingDatasetError(
+            f"data.root={path} is a file but not a UTF-8 text list of image paths ({error}): point data.root at a "
+            "folder of images, or at a text file with one image path per line"
+        ) from error
+    entries = (line.strip() for line in lines)
+    return [path.parent / Path(entry).expanduser() for entry in entries if entry and not entry.startswith("#")]
+
+
+class ImageFiles(Dataset):
+    """Unlabelled image files: items are ``(uint8 (3, H, W) tensor, UNLABELLED)``; images keep their own sizes.
+
+    Build one with :meth:`from_root` (a folder searched recursively, or a text list of paths). Paths are held as one
+    byte buffer with offsets rather than a list of Python strings, so DataLoader worker processes do not copy them
+    bit by bit as they touch them (reference counts write to every object a forked worker reads).
+
+    An unreadable file (truncated, not an image, empty, missing) is handled by ``on_corrupt``:
+
+    - ``"fail"``: :class:`UnreadableImageError` naming the file.
+    - ``"skip"``: the item is the next readable image in order (wrapping around to the first), so batches keep their
+      size and an epoch its length; the file is flagged in :attr:`unreadable`, a bool ``(N,)`` tensor in shared
+      memory that DataLoader workers (forked or spawned) share with the main process, so it is logged once (one
+      warning line naming the file and the error) across workers and epochs, never read again, and counted by
+      :attr:`num_unreadable` in the main process. Two workers that read the same bad file at the very same time may
+      both log it. When no file can be read at all, :class:`MissingDatasetError` is raised.
+    """
+
+    def __init__(self, paths: Iterable[str | Path], on_corrupt: str = "skip", source: str = "the image list"):
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"data.on_corrupt={on_corrupt!r} is invalid: use one of {ON_CORRUPT}")
+        check_truncated_images_raise()
+        encoded = [os.fsencode(path) for path in paths]
+        self.offsets = np.cumsum([0, *(len(name) for name in encoded)], dtype=np.int64)
+        self.names = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.on_corrupt = on_corrupt
+        self.source = source
+        self.unreadable = torch.zeros(len(encoded), dtype=torch.bool).share_memory_()
+
+    @classmethod
+    def from_root(cls, root: str | Path, on_corrupt: str = "skip") -> ImageFiles:
+        """Every image under the folder ``root`` (:func:`find_images`), or every path listed in the text file
+        ``root`` (:func:`read_image_list`); :class:`MissingDatasetError` when it does not exist or names none."""
+        root = Path(root).expanduser()
+        if root.is_dir():
+            paths = find_images(root)
+            if not paths:
+                raise MissingDatasetError(
+                    f"{root} holds no images: looked for {', '.join(IMAGE_EXTENSIONS)} files (in any case) in it and "
+                    "its sub-folders, leaving out hidden ones (names starting with '.'). Point data.root at a folder "
+                    "of images, or list the files in a text file and point data.root at it"
+                )
+            return cls(paths, on_corrupt, source=str(root))
+        if root.is_file():
+            paths = read_image_list(root)
+            if not paths:
+                raise MissingDatasetError(
+                    f"the image list {root} names no images: write one path per line (relative to its folder; blank "
+                    "lines and lines starting with # are ignored)"
+                )
+            return cls(paths, on_corrupt, source=str(root))
+        raise MissingDatasetError(
+            f"data.root={root} does not exist: point it at a folder of images or at a text file listing image paths"
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def path(self, index: int) -> Path:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return Path(os.fsdecode(self.names[start:end].tobytes()))
+
+    def select(self, indices: Sequence[int]) -> ImageFiles:
+        """A source of the files at ``indices`` only (with flags of its own), e.g. a fixed training subset."""
+        return ImageFiles((self.path(i) for i in indices), self.on_corrupt, self.source)
+
+    @property
+    def num_unreadable(self) -> int:
+        """Files found unreadable so far, by this process and its DataLoader workers."""
+        return int(self.unreadable.sum())
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.on_corrupt == "fail":
+            try:
+                return decode_image(self.path(index)), UNLABELLED
+            except UnreadableImageError as error:
+                raise UnreadableImageError(f"{error} (data.on_corrupt=skip skips such files)") from error
+        size = len(self)
+        for offset in range(size):
+            current = (index + offset) % size
+            if self.unreadable[current]:
+                continue
+            try:
+                return decode_image(self.path(current)), UNLABELLED
+            except UnreadableImageError as error:
+                if not self.unreadable[current]:
+                    self.unreadable[current] = True
+                    log.warning("skipping %s", error)
+        raise MissingDatasetError(f"none of the {size} images of {self.source} can be read (see the warnings above)")
