@@ -339,3 +339,18 @@ def test_labelled_knn_folders_bring_validation_back(tmp_path):
     assert 0 <= metrics["init/knn_top1"] <= 100 and 0 <= metrics["val/knn_top1"] <= 100
     names = sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir())
     assert names[-1] == "last.ckpt" and names[0].startswith("epoch000-knn")  # the best by val/knn_top1, as today
+
+
+def test_images_of_mixed_sizes_become_device_views(tree):
+    # Every readable image of the tree (sizes 12 x 10 to 30 x 40, gray, RGBA, palette) in one padded batch; the
+    # shrink limit (24 px) applies to the larger ones in the worker, the views are made after the "transfer".
+    module = FolderDataModule(
+        root=str(tree), image_size=32, batch_size=8, num_workers=0, augment_on="device", source_max_side=24, seed=0
+    )
+    module.setup()
+    batch = next(iter(module.train_dataloader()))
+    assert batch.images.dtype == torch.uint8 and batch.sizes.max() <= 24
+    assert batch.images.shape[-2:] == tuple(batch.sizes.max(0).values.tolist())
+    assert len({tuple(size) for size in batch.sizes.tolist()}) > 1  # sizes differ within the batch
+    views, labels = module.on_after_batch_transfer(batch, 0)
+    assert views.shape == (8, 2, 3, 3, 32, 32) and torch.isfinite(views).all() and labels.tolist() == [-1] * 8
