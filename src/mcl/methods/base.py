@@ -82,6 +82,11 @@ class MultiLevelModule(pl.LightningModule):
     Validation batches come from two loaders: the labelled kNN bank (``dataloader_idx=BANK_LOADER``) and the
     labelled validation split (``dataloader_idx=VAL_LOADER``); the :class:`~mcl.knn.KNNAccuracy` submodule ``knn``
     collects their pooled features and gives ``val/knn_top1``.
+
+    ``channels_last`` leaves the computation, the state-dict keys and the checkpoints as they are: backbone, neck
+    and tile head keep their conv weights in ``torch.channels_last`` memory format, and the backbone makes its input
+    images (plain views and montages) channels-last. A subclass's networks built from them by ``copy.deepcopy``
+    (MCL's target) keep the format.
     """
 
     # The loss a subclass builds for its levels when it is given none.
@@ -105,6 +110,7 @@ class MultiLevelModule(pl.LightningModule):
         knn_temperature: float = 0.1,
         max_weight_norm_ratio: float | None = 1.0e4,
         seed: int = 0,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.levels = check_levels(levels)
@@ -129,12 +135,17 @@ class MultiLevelModule(pl.LightningModule):
         self.knn = KNNAccuracy(knn_k, knn_temperature)
         self.seed = seed
 
-        self.backbone = Backbone(**backbone, image_size=image_size)
+        self.backbone = Backbone(**backbone, image_size=image_size, channels_last=channels_last)
         neck = dict(neck)
         self.neck = build_neck(neck.pop("name"), self.backbone.channels, levels=levels, **neck)
         self.head = TileHead(self.neck.out_channels, head_convs)
         if self.weight_init == "official":
             official_trunk_init(self.backbone, self.neck, self.head)
+        self.channels_last = channels_last
+        if channels_last:
+            # The backbone converted its own weights; the neck's and the head's convs follow its feature maps.
+            self.neck.to(memory_format=torch.channels_last)
+            self.head.to(memory_format=torch.channels_last)
         self._generator: torch.Generator | None = None
         self._montage_seed: int | None = None
 
