@@ -216,6 +216,8 @@ def test_a_compiled_model_deep_copies_and_pickles_as_its_eager_self():
             model.seed_montages(0)
             twin.seed_montages(0)
             assert twin.eval().forward_losses(views)[0] == pytest.approx(model.eval().forward_losses(views)[0].item())
+        twin.compile_networks()  # a copy compiles afresh
+        assert all(module._compiled_call_impl is not None for module in twin.compiled_modules())
 
 
 # ------------------------------------------------------------------------------------------ through mcl-train

@@ -169,7 +169,6 @@ class MultiLevelModule(pl.LightningModule):
         self.compile_on_fit = compile
         self.compile_mode = check_compile_settings(compile_mode, compile_backend)
         self.compile_backend = compile_backend
-        self._networks_compiled = False
 
         self.backbone = Backbone(**backbone, image_size=image_size, channels_last=channels_last)
         neck = dict(neck)
@@ -279,15 +278,14 @@ class MultiLevelModule(pl.LightningModule):
         Compilation itself is lazy: it happens at each module's first call, for the shapes and modes it meets.
         ``dynamic`` is left to torch (``None``): a module compiles once for the shapes of its first call, and one
         that meets another batch size (the validation batches, the target network's batch under
-        ``bn_groups=joint``) recompiles once with a dynamic batch dimension rather than once per size. Calling it
-        again does nothing.
+        ``bn_groups=joint``) recompiles once with a dynamic batch dimension rather than once per size. A module
+        compiled already is left as it is, so calling this again does nothing (and on a deep copy of a compiled
+        model, whose modules are eager, compiles them).
         """
-        if self._networks_compiled:
-            return
         mode = None if self.compile_mode == "default" else self.compile_mode
         for module in self.compiled_modules():
-            module.compile(mode=mode, backend=self.compile_backend)
-        self._networks_compiled = True
+            if module._compiled_call_impl is None:
+                module.compile(mode=mode, backend=self.compile_backend)
 
     def setup(self, stage: str) -> None:
         """With ``compile``, compile the networks before fitting (not for ``validate`` or ``test`` alone)."""
