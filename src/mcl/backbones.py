@@ -23,9 +23,21 @@ class Backbone(nn.Module):
     """A timm model in ``features_only`` mode returning ``[C2, C3, C4, C5]``, each ``(B, C_k, H/s_k, W/s_k)``.
 
     Swin returns NHWC feature maps; they are permuted to NCHW here so that every consumer sees NCHW.
+
+    With ``channels_last`` the weights are kept in ``torch.channels_last`` memory format and every input is made
+    channels-last before the first conv: the same NCHW shapes and values, stored channel-fastest (NHWC), which
+    GPU convolutions under mixed precision run without layout transposes. The state-dict keys do not change and the
+    weights load into a backbone without the option (``load_state_dict`` copies into each tensor's own layout).
     """
 
-    def __init__(self, name: str = "resnet18", image_size: int = 224, pretrained: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        name: str = "resnet18",
+        image_size: int = 224,
+        pretrained: bool = False,
+        channels_last: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__()
         timm_name, alias_kwargs = ALIASES.get(name, (name, {}))
         kwargs = {**alias_kwargs, **kwargs}
@@ -50,11 +62,18 @@ class Backbone(nn.Module):
             timm_name, pretrained=pretrained, features_only=True, out_indices=out_indices, **kwargs
         )
         self.channels: list[int] = list(self.model.feature_info.channels())
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.model(images)
         if self.is_swin:
-            features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
+            # An NHWC map permuted to NCHW is already channels-last: contiguous() then copies nothing.
+            layout = torch.channels_last if self.channels_last else torch.contiguous_format
+            features = [f.permute(0, 3, 1, 2).contiguous(memory_format=layout) for f in features]
         return features
 
     def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,8 @@ BANK_LOADER, VAL_LOADER = 0, 1
 DEFAULT_LEVELS = 3
 # Method arguments of the schedule before it became the `scheduler` config (a partial WarmupCosineLR).
 LEGACY_SCHEDULE_KEYS = ("warmup_epochs", "min_lr", "schedule_shape", "warmup_ratio")
+# torch.compile's inductor modes (``compile_mode``); "default" passes no mode.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_image_size(image_size: int) -> int:
@@ -43,6 +45,29 @@ def check_image_size(image_size: int) -> int:
             f"cell covers a whole tile of its pyramid map (e.g. 64, 96, 224)"
         )
     return image_size
+
+
+def check_compile_settings(compile_mode: str, compile_backend: str) -> str:
+    """Return ``compile_mode`` once it and ``compile_backend`` name a ``torch.compile`` mode and backend that go
+    together; checked whether or not ``compile`` is on, so a bad value fails before a run rather than when it
+    first trains."""
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={compile_mode!r} is invalid: use one of {COMPILE_MODES}")
+    if compile_backend != "inductor":
+        from torch._dynamo import list_backends  # only for another backend: the default need not import dynamo
+
+        backends = list_backends(exclude_tags=())
+        if compile_backend not in backends:
+            raise ValueError(
+                f"compile_backend={compile_backend!r} is invalid: use inductor (the default), or e.g. eager or "
+                f"aot_eager to tell a compiler problem from a tracing one; torch knows {backends}"
+            )
+        if compile_mode != "default":
+            raise ValueError(
+                f"compile_mode={compile_mode!r} needs compile_backend=inductor (the modes are inductor's), not "
+                f"{compile_backend!r}; use compile_mode=default with another backend"
+            )
+    return compile_mode
 
 
 def level_cells(
@@ -82,6 +107,15 @@ class MultiLevelModule(pl.LightningModule):
     Validation batches come from two loaders: the labelled kNN bank (``dataloader_idx=BANK_LOADER``) and the
     labelled validation split (``dataloader_idx=VAL_LOADER``); the :class:`~mcl.knn.KNNAccuracy` submodule ``knn``
     collects their pooled features and gives ``val/knn_top1``.
+
+    Two speed options leave the computation, the state-dict keys and the checkpoints as they are:
+
+    - ``channels_last``: backbone, neck and tile head keep their conv weights in ``torch.channels_last`` memory
+      format, and the backbone makes its input images (plain views and montages) channels-last. A subclass's
+      networks built from them by ``copy.deepcopy`` (MCL's target) keep the format.
+    - ``compile``: :meth:`compile_networks` compiles the :meth:`compiled_modules` in place with
+      ``nn.Module.compile`` (``compile_mode``, ``compile_backend``) when training starts (``setup("fit")``), not
+      here: a model built to export, to probe or to count FLOPs on ``meta`` tensors stays eager and cheap.
     """
 
     # The loss a subclass builds for its levels when it is given none.
@@ -105,6 +139,10 @@ class MultiLevelModule(pl.LightningModule):
         knn_temperature: float = 0.1,
         max_weight_norm_ratio: float | None = 1.0e4,
         seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str = "default",
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         self.levels = check_levels(levels)
@@ -128,13 +166,21 @@ class MultiLevelModule(pl.LightningModule):
         self.weight_init = check_weight_init(weight_init)
         self.knn = KNNAccuracy(knn_k, knn_temperature)
         self.seed = seed
+        self.compile_on_fit = compile
+        self.compile_mode = check_compile_settings(compile_mode, compile_backend)
+        self.compile_backend = compile_backend
 
-        self.backbone = Backbone(**backbone, image_size=image_size)
+        self.backbone = Backbone(**backbone, image_size=image_size, channels_last=channels_last)
         neck = dict(neck)
         self.neck = build_neck(neck.pop("name"), self.backbone.channels, levels=levels, **neck)
         self.head = TileHead(self.neck.out_channels, head_convs)
         if self.weight_init == "official":
             official_trunk_init(self.backbone, self.neck, self.head)
+        self.channels_last = channels_last
+        if channels_last:
+            # The backbone converted its own weights; the neck's and the head's convs follow its feature maps.
+            self.neck.to(memory_format=torch.channels_last)
+            self.head.to(memory_format=torch.channels_last)
         self._generator: torch.Generator | None = None
         self._montage_seed: int | None = None
 
@@ -211,6 +257,40 @@ class MultiLevelModule(pl.LightningModule):
                 f"batch views are {views.shape[-2]}x{views.shape[-1]} but the model was built for "
                 f"image_size={self.image_size}; set data.image_size and image_size alike"
             )
+
+    # ------------------------------------------------------------------- speed
+    def compiled_modules(self) -> list[nn.Module]:
+        """The submodules ``compile`` compiles: backbone and tile head, the network parts a training step calls as
+        modules (``None`` parts, e.g. the head under ``classifier_input=pooled_c5``, are left out).
+
+        The neck is not among them: its entry point is ``forward_levels``, not ``forward``, which
+        ``nn.Module.compile`` does not reach, and its Python slicing by per-level image counts would specialise a
+        graph on every count; it stays eager between the compiled backbone and head.
+        """
+        return [module for module in (self.backbone, self.head) if module is not None]
+
+    def compile_networks(self) -> None:
+        """Compile every module of :meth:`compiled_modules`, each on its own and in place (``nn.Module.compile``).
+
+        In place, the modules keep their parameters and names: state-dict keys and checkpoints are those of the
+        eager model (no ``_orig_mod.`` prefix), optimisers and the EMA update act on the same tensors, and a deep
+        copy or pickle of a module is its eager version (``nn.Module`` drops the compiled call from its state).
+        Compilation itself is lazy: it happens at each module's first call, for the shapes and modes it meets.
+        ``dynamic`` is left to torch (``None``): a module compiles once for the shapes of its first call, and one
+        that meets another batch size (the validation batches, the target network's batch under
+        ``bn_groups=joint``) recompiles once with a dynamic batch dimension rather than once per size. A module
+        compiled already is left as it is, so calling this again does nothing (and on a deep copy of a compiled
+        model, whose modules are eager, compiles them).
+        """
+        mode = None if self.compile_mode == "default" else self.compile_mode
+        for module in self.compiled_modules():
+            if module._compiled_call_impl is None:
+                module.compile(mode=mode, backend=self.compile_backend)
+
+    def setup(self, stage: str) -> None:
+        """With ``compile``, compile the networks before fitting (not for ``validate`` or ``test`` alone)."""
+        if stage == "fit" and self.compile_on_fit:
+            self.compile_networks()
 
     # ---------------------------------------------------------------- features
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:

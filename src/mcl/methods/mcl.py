@@ -125,6 +125,22 @@ class MCL(MultiLevelModule):
         """The ``(online, target)`` modules that the EMA update ties together; the predictors have no target."""
         return list(zip(self.online, self.target, strict=True))
 
+    def compiled_modules(self) -> list[nn.Module]:
+        """Backbone, tile head and projector of both networks, and the predictors; each compiles on its own. The
+        target's modules are deep copies made in ``__init__``, before any compilation (a copy of a compiled module
+        would be eager), and the EMA update reaches their parameters as before. The necks stay eager (see
+        :meth:`MultiLevelModule.compiled_modules`)."""
+        online, target = self.online, self.target
+        return [
+            online.backbone,
+            online.head,
+            online.projector,
+            *self.predictors,
+            target.backbone,
+            target.head,
+            target.projector,
+        ]
+
     # ------------------------------------------------------------------ passes
     def embed(
         self, network: Network, images: list[list[torch.Tensor]], joint: bool, embedded_levels: int | None = None
@@ -219,13 +235,15 @@ class MCL(MultiLevelModule):
         return self.loss(predictions, cell_sources(montages), targets, present)
 
     def setup(self, stage: str) -> None:
-        """Refuse a global batch of one image: InfoNCE against a single target is 0 and nothing would train."""
+        """Refuse a global batch of one image: InfoNCE against a single target is 0 and nothing would train. Then
+        compile the networks when ``compile`` asks (:meth:`MultiLevelModule.setup`)."""
         batch = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
         if stage == "fit" and batch is not None and batch * self.trainer.world_size < 2:
             raise ValueError(
                 f"batch_size={batch} on {self.trainer.world_size} device(s) gives one target per step: the contrastive "
                 "loss is then 0 and nothing trains; use a global batch of at least 2 (in practice 64 or more)"
             )
+        super().setup(stage)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, _ = batch
