@@ -290,7 +290,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python benchmarks/data.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python benchmarks/data.py", *(argv if argv is not None else sys.argv[1:])])
     console = Console() if sys.stdout.isatty() else Console(width=140)
     device = torch.device(args.device)
     if device.type == "cuda":
