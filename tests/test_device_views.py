@@ -192,3 +192,23 @@ def test_device_augmentation_refuses_zoom_out():
         SyntheticDataModule(augment_on="device", zoom_out=2.0)
     with pytest.raises(ValueError, match="augment_on='gpu'"):
         SyntheticDataModule(augment_on="gpu")
+
+
+def test_each_rank_and_epoch_draws_its_own_views_and_leaves_the_global_streams_alone(monkeypatch):
+    import mcl.data.datamodules as datamodules
+
+    def views_of(rank: int) -> torch.Tensor:
+        monkeypatch.setattr(datamodules, "rank", lambda: rank)
+        dm = SyntheticDataModule(image_size=32, batch_size=8, views_per_side=2, augment_on="device", bank_size=None)
+        dm.setup()
+        batch = collate_sources([dm.train_set.dataset[i] for i in range(8)])
+        torch.manual_seed(123)  # the process's stream, seeded alike on every rank
+        before = torch.get_rng_state()
+        first, _ = dm.on_after_batch_transfer(batch, 0)
+        second, _ = dm.on_after_batch_transfer(batch, 0)
+        assert torch.equal(torch.get_rng_state(), before)  # the global stream did not move
+        assert not torch.equal(first, second)  # the view stream continues from batch to batch
+        return first
+
+    assert torch.equal(views_of(0), views_of(0))  # reproducible from (seed, epoch, rank)
+    assert not torch.equal(views_of(0), views_of(1))

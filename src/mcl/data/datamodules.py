@@ -25,7 +25,7 @@ from mcl.data.augment import (
     eval_view,
     supervised_view,
 )
-from mcl.data.device import DeviceViews, ShrinkToFit, SourceBatch, collate_sources
+from mcl.data.device import DeviceViews, OwnRandomness, ShrinkToFit, SourceBatch, collate_sources
 from mcl.data.sources import (
     FASHION_MNIST_ROOT,
     ON_CORRUPT,
@@ -36,6 +36,7 @@ from mcl.data.sources import (
     load_fashion_mnist,
     synthetic_images,
 )
+from mcl.distributed import rank
 
 log = logging.getLogger(__name__)
 VIEW_MODES = ("byol", "supervised")
@@ -178,6 +179,7 @@ class MultiLevelDataModule(pl.LightningDataModule):
         self.augment_on = augment_on
         self.shrink = ShrinkToFit(source_max_side)
         self.device_views: DeviceViews | None = None
+        self.view_randomness = OwnRandomness()
         self.seed = seed
         self.train_set: Dataset | None = None
 
@@ -226,12 +228,20 @@ class MultiLevelDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``augment_on=device``, turn a training :class:`~mcl.data.device.SourceBatch` (now on the device)
-        into ``(views, labels)``, the batch the methods train on; other batches pass unchanged."""
-        if isinstance(batch, SourceBatch):
-            if self.device_views is None:
-                self.device_views = self.make_device_views()
-            return self.device_views(batch), batch.labels
-        return batch
+        into ``(views, labels)``, the batch the methods train on; other batches pass unchanged.
+
+        The views draw from a stream of their own, restarted from ``(seed, epoch, rank)`` at each epoch: ranks draw
+        different views (a process's default generators are seeded alike on every rank), and a run resumed at an
+        epoch boundary draws the same views as an uninterrupted one."""
+        if not isinstance(batch, SourceBatch):
+            return batch
+        if self.device_views is None:
+            self.device_views = self.make_device_views()
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        seed = (self.seed * 1_000_003 + epoch) * 1009 + rank()
+        with self.view_randomness.use(batch.images.device, seed):
+            views = self.device_views(batch)
+        return views, batch.labels
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

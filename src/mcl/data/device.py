@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import kornia.augmentation as K
@@ -200,13 +201,41 @@ def side_augmentation(
     return nn.Sequential(*steps)
 
 
+class OwnRandomness:
+    """A random stream of its own for code that draws from torch's default generators (kornia does): inside
+    :meth:`use`, the CPU generator and ``device``'s generator continue this stream, and the process's own streams are
+    restored afterwards. A new ``seed`` restarts the stream; the same one continues it."""
+
+    def __init__(self) -> None:
+        self.seed: int | None = None
+        self.states: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @contextmanager
+    def use(self, device: torch.device, seed: int) -> Iterator[None]:
+        cuda = device.type == "cuda"
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+        with torch.random.fork_rng(devices=[index] if cuda else []):
+            if seed != self.seed or self.states is None:
+                torch.default_generator.manual_seed(seed)
+                if cuda:
+                    torch.cuda.default_generators[index].manual_seed(seed)
+            else:
+                torch.set_rng_state(self.states[0])
+                if cuda:
+                    torch.cuda.set_rng_state(self.states[1], index)
+            yield
+            self.states = (torch.get_rng_state(), torch.cuda.get_rng_state(index) if cuda else None)
+            self.seed = seed
+
+
 class DeviceViews(nn.Module):
     """The training views of a :class:`SourceBatch`, made where the batch is (the accelerator after the transfer).
 
     With ``sides`` (one ``(blur_p, solarize_p)`` per augmentation side, BYOL's ``((1.0, 0.0), (0.1, 0.2))``) the
     output is float ``(B, len(sides), views_per_side, C, size, size)``; with ``sides=None`` (the supervised recipe:
     crop and flip only) it is ``(B, views_per_side, C, size, size)``. Views are normalised with ``mean`` and ``std``
-    like the CPU pipeline's. Randomness comes from torch's default generator of the batch's device.
+    like the CPU pipeline's. Randomness comes from torch's default generators (the CPU's and the batch's device's);
+    the datamodule runs it in an :class:`OwnRandomness` stream per rank and epoch.
     """
 
     def __init__(
