@@ -19,17 +19,19 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mcl.loss import MultiLevelInfoNCE
-from mcl.methods import MCL
-from mcl.momentum import ema_update
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost import StepRunner, clock  # noqa: E402
 
-EMA_MOMENTUM = 0.99
+from mcl.loss import MultiLevelInfoNCE  # noqa: E402
+from mcl.methods import MCL  # noqa: E402
+
 # Constructor arguments of each variant, on top of the shared ones.
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -39,15 +41,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def clock(device: torch.device) -> float:
-    """Wall-clock seconds, once the device has finished the work queued so far."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-class Runner:
-    """One variant: its model, optimiser and batch of views; :meth:`step` runs and times one training step."""
+class Runner(StepRunner):
+    """One variant: its model, optimiser and batch of views; :meth:`step` runs and times one training step
+    (``StepRunner.train_step``: ``forward_losses``, backward, SGD step, EMA update)."""
 
     def __init__(self, args: argparse.Namespace, options: dict[str, Any], device: torch.device):
         torch.manual_seed(0)  # the same weights for every variant
@@ -69,14 +65,9 @@ class Runner:
         self.views = torch.randn(args.batch, 2, args.levels, 3, size, size, generator=generator).to(device)
 
     def step(self) -> float:
-        """Seconds of one training step: ``forward_losses``, backward, SGD step, EMA update."""
+        """Seconds of one training step."""
         start = clock(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss, _ = self.model.forward_losses(self.views)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        ema_update(self.model.momentum_pairs, EMA_MOMENTUM)
+        self.train_step()
         return clock(self.device) - start
 
 
