@@ -125,3 +125,29 @@ def test_unknown_neck_and_backbone_are_rejected():
         build_neck("c4", [1, 2, 3, 4])
     with pytest.raises(ValueError, match="backbone.name='no_such_model' is not a timm model"):
         Backbone("no_such_model")
+
+
+@pytest.mark.parametrize("image_size", [64, 96])
+def test_interp_neck_on_c4_keeps_c4_stride_at_level_0_and_tiles_of_h_over_16(resnet18, image_size):
+    """neck.stage=4: the 1x1 conv reads C4 (256 channels on ResNet-18); level i's map has stride 16/2**i."""
+    neck = build_neck("interp", resnet18.channels, 16, levels=3, stage=4).eval()
+    assert neck.reduce[0].in_channels == 256
+    tile = image_size // 16
+    with torch.no_grad():
+        features = resnet18(torch.randn(3, 3, image_size, image_size))
+        maps = neck.forward_levels(features, [1, 1, 1])
+        for level, level_map in enumerate(maps):
+            grid = 2**level
+            assert level_map.shape[-2:] == features[2 - level].shape[-2:] == (grid * tile, grid * tile)
+            assert split_tiles(level_map, grid).shape == (grid * grid, 16, tile, tile)
+        assert torch.allclose(maps[0], neck.reduce(features[2][:1]), atol=1e-6)  # C4 at its own resolution
+
+
+def test_interp_neck_stages_are_checked(resnet18):
+    assert build_neck("interp", resnet18.channels, 16).stage == 5  # the default: today's C5 neck
+    with pytest.raises(ValueError, match=r"neck.stage=3 is invalid: use 5 .* or 4"):
+        build_neck("interp", resnet18.channels, 16, stage=3)
+    with pytest.raises(ValueError, match=r"neck.stage=4 with levels=4 is invalid.*levels<=3 or neck.stage=5"):
+        build_neck("interp", resnet18.channels, 16, levels=4, stage=4)
+    with pytest.raises(ValueError, match=r"neck.name=fpn takes no \['stage'\]"):
+        build_neck("fpn", resnet18.channels, 16, stage=4)

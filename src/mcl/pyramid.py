@@ -71,23 +71,48 @@ class PartialFPN(FeaturePyramidNetwork):
         return maps
 
 
-class InterpolationNeck(nn.Module):
-    """For single-level (C4-style) detectors: a 1x1 conv + BN on C5, bilinearly resized to the level's map size."""
+# The C stages the interp neck can read (``neck.stage``): C5 (the default) or C4, the C4 detectors' feature map.
+INTERP_STAGES = (4, 5)
 
-    def __init__(self, in_channels: list[int], out_channels: int = 256, levels: int = 4):
+
+class InterpolationNeck(nn.Module):
+    """For single-level (C4-style) detectors: a 1x1 conv + BN on one C stage, bilinearly resized per level.
+
+    ``stage=5`` (the default): the conv reads C5 and level ``i``'s map has the size of ``P(5-i)`` (stride
+    ``32 / 2**i``), as the FPN's, so tiles are ``H/32``. ``stage=4``: the conv reads C4 and level ``i``'s map has
+    stride ``16 / 2**i`` (level 0 reads C4 at its own resolution, as a C4 detector pools its RoIs), so tiles are
+    ``H/16`` and the tile head runs on 4 times the positions; levels 1..3 only (a 4th level would need a stride-2 map).
+    With ``stage=4`` the loss does not reach ``layer4``: res5 keeps its initial weights (see docs/transfer.md).
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int = 256, levels: int = 4, stage: int = 5):
         super().__init__()
+        if stage not in INTERP_STAGES:
+            raise ValueError(f"neck.stage={stage!r} is invalid: use 5 (resize C5, the default) or 4 (resize C4)")
+        if stage == 4 and levels > 3:
+            raise ValueError(
+                f"neck.stage=4 with levels={levels} is invalid: level i reads a map of stride 16/2**i, and level 3 "
+                "would need stride 2, finer than any C stage; use levels<=3 or neck.stage=5"
+            )
         self.out_channels = out_channels
+        self.stage = stage
+        # features are [C2, C3, C4, C5]: C(stage) is at stage - 2; level i reads the size of C(stage - i), or of P(5-i).
+        self.offset = 5 - stage
         self.reduce = Conv2dNormActivation(
-            in_channels[-1], out_channels, kernel_size=1, norm_layer=nn.BatchNorm2d, activation_layer=None
+            in_channels[stage - 2], out_channels, kernel_size=1, norm_layer=nn.BatchNorm2d, activation_layer=None
         )
 
     def forward_levels(self, features: list[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
-        """As :meth:`PartialFPN.forward_levels`: one reduction over all images, then each level resized."""
-        check_level_counts(counts, len(features))
-        reduced = self.reduce(features[-1]).split(list(counts))
+        """As :meth:`PartialFPN.forward_levels`: one reduction over all images, then each level resized.
+
+        Per level ``i``, ``(counts[i], out_channels, H/s, W/s)`` with ``s = 2**(stage - i)``: ``stage=5`` gives the
+        sizes of ``P(5-i)``, ``stage=4`` those of ``C(4-i)``.
+        """
+        check_level_counts(counts, len(features) - self.offset)
+        reduced = self.reduce(features[self.stage - 2]).split(list(counts))
         maps = []
         for level, level_map in enumerate(reduced):
-            size = features[pyramid_index(level)].shape[-2:]
+            size = features[pyramid_index(level) - self.offset].shape[-2:]
             same = level_map.shape[-2:] == size
             maps.append(
                 level_map if same else F.interpolate(level_map, size=size, mode="bilinear", align_corners=False)
@@ -95,10 +120,13 @@ class InterpolationNeck(nn.Module):
         return maps
 
 
-def build_neck(name: str, in_channels: list[int], out_channels: int = 256, levels: int = 4) -> nn.Module:
-    """The neck ``name`` for C2..C5 with ``in_channels``, serving montage levels ``0..levels-1``."""
+def build_neck(name: str, in_channels: list[int], out_channels: int = 256, levels: int = 4, **options) -> nn.Module:
+    """The neck ``name`` for C2..C5 with ``in_channels``, serving montage levels ``0..levels-1``; ``options`` are the
+    neck's own keys (``stage`` for ``interp``)."""
     if name == "fpn":
+        if options:
+            raise ValueError(f"neck.name=fpn takes no {sorted(options)}: those keys are for other necks")
         return PartialFPN(in_channels, out_channels, levels)
     if name == "interp":
-        return InterpolationNeck(in_channels, out_channels, levels)
+        return InterpolationNeck(in_channels, out_channels, levels, **options)
     raise ValueError(f"neck.name={name!r} is invalid: use one of {NECKS}")
