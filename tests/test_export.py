@@ -8,6 +8,7 @@ import torch
 import torchvision
 from torchvision.models import detection
 
+from mcl.detection.models import build_detector
 from mcl.export import CheckpointKindError, detectron2_resnet_name, export, main
 from mcl.methods import MCL, SupervisedMultiLevel
 
@@ -108,6 +109,55 @@ def test_detectron2_pickle_uses_detectron2_names(r50_checkpoint, tmp_path):
     assert sum(k.startswith("res4.") and k.endswith("conv1.weight") for k in names) == 6  # ResNet-50: 6 blocks
     assert (names["box_head.conv3.weight"] == model.head.convs[2][0].weight.detach().numpy()).all()
     assert (names["res3.1.conv2.norm.running_mean"] == model.backbone.model.layer2[1].bn2.running_mean.numpy()).all()
+
+
+@pytest.fixture(scope="module")
+def r50_interp_checkpoint(tmp_path_factory):
+    """A ResNet-50 MCL model with the interp neck, as pretrained for the C4 detectors."""
+    model = MCL(**small_trunk(3, backbone={"name": "resnet50"}, neck={"name": "interp", "out_channels": 32}))
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "r50_interp.ckpt")
+
+
+@pytest.mark.parametrize("arch", ["maskrcnn_c4", "fasterrcnn_c4"])
+def test_fasterrcnn_c4_export_loads_with_only_the_detector_heads_missing(r50_interp_checkpoint, tmp_path, arch):
+    model, checkpoint = r50_interp_checkpoint
+    weights = torch.load(export(checkpoint, "fasterrcnn_c4", tmp_path / "c4.pth"))
+    detector = build_detector(arch, "resnet50", num_classes=5)
+    missing, unexpected = load(detector, weights)
+    assert unexpected == set()
+    heads = ("rpn.", "roi_heads.box_predictor.") + (("roi_heads.mask_predictor.",) if arch == "maskrcnn_c4" else ())
+    assert all(k.startswith(heads) for k in missing)
+    assert {next(h for h in heads if k.startswith(h)) for k in missing} == set(heads)  # each head, nothing else
+    loaded = detector.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())  # every exported tensor landed
+    assert len(weights) == len(model.backbone.model.state_dict())  # the whole ResNet, no neck or tile head
+    res5 = model.backbone.model.layer4[2].conv3.weight
+    assert torch.equal(detector.roi_heads.box_head.layer4[2].conv3.weight, res5)
+    if arch == "maskrcnn_c4":  # the mask head is the box head's res5
+        assert detector.roi_heads.mask_head._box_head[0] is detector.roi_heads.box_head
+
+
+def test_detectron2_c4_pickle_puts_res5_in_the_roi_heads(r50_interp_checkpoint, tmp_path):
+    model, checkpoint = r50_interp_checkpoint
+    with open(export(checkpoint, "detectron2_c4", tmp_path / "d2_c4.pkl"), "rb") as handle:
+        exported = pickle.load(handle)
+    names = exported["model"]
+    for key in (
+        "backbone.stem.conv1.weight", "backbone.stem.conv1.norm.running_mean", "backbone.res2.0.shortcut.weight",
+        "backbone.res4.5.conv3.norm.running_var", "roi_heads.res5.0.conv1.weight",
+        "roi_heads.res5.0.shortcut.norm.bias", "roi_heads.res5.2.conv3.norm.weight",
+    ):  # fmt: skip
+        assert key in names, key
+    assert all(k.startswith(("backbone.stem.", "backbone.res2.", "backbone.res3.", "backbone.res4.")) or
+               k.startswith("roi_heads.res5.") for k in names)  # fmt: skip
+    assert not any(k.endswith("num_batches_tracked") for k in names)
+    assert len(names) == sum(not k.endswith("num_batches_tracked") for k in model.backbone.model.state_dict())
+    assert (
+        names["roi_heads.res5.1.conv2.weight"] == model.backbone.model.layer4[1].conv2.weight.detach().numpy()
+    ).all()
+    r18 = save_checkpoint(MCL(**small_trunk(2, neck={"name": "interp", "out_channels": 16})), tmp_path / "r18.ckpt")
+    with pytest.raises(CheckpointKindError, match=r"needs a bottleneck ResNet .* 'resnet18'.*fasterrcnn_c4"):
+        export(r18, "detectron2_c4", tmp_path / "r18.pkl")
 
 
 def test_detectron2_resnet_names():

@@ -2,6 +2,7 @@
 
 ``mcl-export CKPT --format FORMAT --output PATH``. The online network is exported: backbone, and where the
 format can hold them, the pyramid and the 4 tile-head convs (which have the shapes of a Faster R-CNN box head).
+The C4 formats (``fasterrcnn_c4``, ``detectron2_c4``) hold the ResNet alone, res5 under the RoI head's names.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from mcl.checkpoints import CheckpointError, atomic_save, load_checkpoint
 from mcl.runs import replaced_atomically
 
-FORMATS = ("timm", "torchvision", "fasterrcnn_v2", "retinanet_v2", "detectron2")
+FORMATS = ("timm", "torchvision", "fasterrcnn_v2", "retinanet_v2", "detectron2", "fasterrcnn_c4", "detectron2_c4")
+# Formats written as a detectron2 pickle rather than a torch state dict.
+PICKLE_FORMATS = ("detectron2", "detectron2_c4")
 BACKBONE_PREFIX = "backbone.model."
 
 
@@ -86,6 +89,18 @@ def to_torchvision_fasterrcnn(state: dict[str, torch.Tensor], hparams: dict[str,
     return out
 
 
+def to_torchvision_c4(state: dict[str, torch.Tensor], hparams: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Weights for ``mcl.detection.models``' ``fasterrcnn_c4`` / ``maskrcnn_c4``: the stem and ``layer1..3`` as
+    ``backbone.body.*`` and ``layer4`` as the RoI head's res5, ``roi_heads.box_head.layer4.*`` (which the C4 mask head
+    shares). The neck and the tile head have no place in a C4 detector and are left out."""
+    _require_resnet(hparams, "fasterrcnn_c4")
+    out = {}
+    for key, value in backbone_state(state).items():
+        prefix = "roi_heads.box_head." if key.startswith("layer4.") else "backbone.body."
+        out[prefix + key] = value
+    return out
+
+
 def _fold_batchnorm(weight: torch.Tensor, norm: dict[str, torch.Tensor], eps: float = 1e-5):
     """A bias-free conv followed by eval-mode BN, as one conv with a bias."""
     scale = norm["weight"] / torch.sqrt(norm["running_var"] + eps)
@@ -150,17 +165,42 @@ def to_detectron2(state: dict[str, torch.Tensor], hparams: dict[str, Any]) -> di
     }
 
 
+def to_detectron2_c4(state: dict[str, torch.Tensor], hparams: dict[str, Any]) -> dict[str, Any]:
+    """A detectron2 checkpoint dict for the C4 configs (``Res5ROIHeads``): the stem and res2..res4 under
+    ``backbone.``, res5 under ``roi_heads.res5.`` (where those configs keep it), no FPN or box-head convs.
+
+    detectron2 builds its C4 res5 head from bottleneck blocks only, so ResNet-18/34 are refused."""
+    _require_resnet(hparams, "detectron2_c4")
+    name = hparams["backbone"]["name"]
+    if name in ("resnet18", "resnet34"):
+        raise CheckpointKindError(
+            f"format 'detectron2_c4' needs a bottleneck ResNet (resnet50, resnet101), but the checkpoint's backbone "
+            f"is {name!r}: detectron2's C4 RoI head (res5) is made of bottleneck blocks; export it with --format "
+            "detectron2 for an FPN config, or fasterrcnn_c4 for mcl-finetune's C4 detectors"
+        )
+    model: dict[str, Any] = {}
+    for key, value in backbone_state(state).items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        d2_name = detectron2_resnet_name(key)
+        prefix = "roi_heads." if d2_name.startswith("res5.") else "backbone."
+        model[prefix + d2_name] = value.numpy()
+    return {"model": model, "__author__": "mcl", "matching_heuristics": True}
+
+
 EXPORTERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any]], dict[str, Any]]] = {
     "timm": lambda state, hparams: backbone_state(state),
     "torchvision": lambda state, hparams: (_require_resnet(hparams, "torchvision"), backbone_state(state))[1],
     "fasterrcnn_v2": to_torchvision_fasterrcnn,
     "retinanet_v2": to_torchvision_retinanet,
     "detectron2": to_detectron2,
+    "fasterrcnn_c4": to_torchvision_c4,
+    "detectron2_c4": to_detectron2_c4,
 }
 
 
 def export(checkpoint: str | Path, fmt: str, output: str | Path) -> Path:
-    """Write ``checkpoint`` in format ``fmt`` to ``output`` (a ``.pth`` state dict, or a ``.pkl`` for detectron2)."""
+    """Write ``checkpoint`` in format ``fmt`` to ``output`` (a ``.pth`` state dict, or a ``.pkl`` for detectron2's)."""
     if fmt not in EXPORTERS:
         raise ValueError(f"--format {fmt!r} is invalid: use one of {FORMATS}")
     state, hparams = load_pretraining_checkpoint(checkpoint)
@@ -172,7 +212,7 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path) -> Path:
     if output.is_dir():
         raise IsADirectoryError(f"--output {output} is a folder; name the file to write")
     output.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "detectron2":
+    if fmt in PICKLE_FORMATS:
         with replaced_atomically(output) as temporary, open(temporary, "wb") as handle:
             pickle.dump(weights, handle)
     else:
@@ -184,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mcl-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a pretraining checkpoint of mcl-train (last.ckpt or the best one)")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--output", required=True, help="where to write (.pth; .pkl for detectron2)")
+    parser.add_argument("--output", required=True, help="where to write (.pth; .pkl for detectron2, detectron2_c4)")
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.format, args.output)

@@ -1,7 +1,8 @@
 """Detection fine-tuning: ``mcl-finetune key=value ...`` (Hydra, ``conf/finetune.yaml``).
 
-A torchvision Faster/Mask R-CNN FPN v2 or RetinaNet v2 (ResNet-18 or -50) built from MCL weights, trained on any
-COCO-format dataset and evaluated with pycocotools. :func:`finetune` returns the metrics, ``ap_by_iou`` included.
+A torchvision Faster/Mask R-CNN FPN v2, RetinaNet v2 or Faster/Mask R-CNN C4 (ResNet-18 or -50) built from MCL
+weights, trained on any COCO-format dataset and evaluated with pycocotools. :func:`finetune` returns the metrics,
+``ap_by_iou`` included.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mcl.detection.coco import (
     collate,
     to_coco_results,
 )
-from mcl.detection.models import build_detector, load_pretrained
+from mcl.detection.models import MASK_ARCHITECTURES, build_detector, load_pretrained
 from mcl.distributed import world_size
 from mcl.runtime import (
     CONFIG_DIR,
@@ -121,7 +122,7 @@ DETECTOR_PARTS = {
     "res2": "backbone.body.layer1.",
     "res3": "backbone.body.layer2.",
     "res4": "backbone.body.layer3.",
-    "res5": "backbone.body.layer4.",
+    "res5": "backbone.body.layer4.",  # the C4 R-CNNs' res5 is their box head (roi_heads.box_head.layer4)
     "fpn": "backbone.fpn.",
     "rpn": "rpn.",
     "box_head": "roi_heads.box_head.",
@@ -173,7 +174,7 @@ def num_classes_of(annotation_file: str) -> int:
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Build, load, fine-tune and evaluate; returns ``val/AP``-style metrics and ``ap_by_iou`` (per IoU threshold)."""
     pl.seed_everything(cfg.seed, workers=True)
-    masks = cfg.model.arch == "maskrcnn_v2"
+    masks = cfg.model.arch in MASK_ARCHITECTURES
     num_classes = cfg.model.num_classes or num_classes_of(cfg.data.train_annotations)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     options = {key: model[key] for key in DETECTOR_OPTIONS if key in model}

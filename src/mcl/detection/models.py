@@ -3,6 +3,10 @@
 The v2 layout is what pretraining produces: a BatchNorm FPN and, for Faster/Mask R-CNN, a box head of four 3x3
 conv + BN layers before its fc (the shapes of MCL's tile head). RetinaNet v2 has a plain FPN (MCL's BN is folded
 into it on export) and no place for the tile head.
+
+The C4 R-CNNs (``fasterrcnn_c4``, ``maskrcnn_c4``; detectron2's R50-C4 layout, assembled from torchvision parts)
+have one feature map, C4 (stride 16), and the ResNet's fifth stage as their RoI head: every weight of the ResNet
+transfers, the pretraining's neck and tile head do not.
 """
 
 from __future__ import annotations
@@ -12,18 +16,29 @@ from pathlib import Path
 
 import torchvision
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-ARCHITECTURES = ("fasterrcnn_v2", "maskrcnn_v2", "retinanet_v2")
+ARCHITECTURES = ("fasterrcnn_v2", "maskrcnn_v2", "retinanet_v2", "fasterrcnn_c4", "maskrcnn_c4")
+MASK_ARCHITECTURES = ("maskrcnn_v2", "maskrcnn_c4")
 DEPTHS = {"resnet18": (torchvision.models.resnet18, 512), "resnet50": (torchvision.models.resnet50, 2048)}
 # Which export format each detector loads (see mcl.export).
-EXPORT_FORMAT = {"fasterrcnn_v2": "fasterrcnn_v2", "maskrcnn_v2": "fasterrcnn_v2", "retinanet_v2": "retinanet_v2"}
+EXPORT_FORMAT = {
+    "fasterrcnn_v2": "fasterrcnn_v2",
+    "maskrcnn_v2": "fasterrcnn_v2",
+    "retinanet_v2": "retinanet_v2",
+    "fasterrcnn_c4": "fasterrcnn_c4",
+    "maskrcnn_c4": "fasterrcnn_c4",
+}
+# The C4 R-CNNs' anchors: detectron2's C4 default of 5 sizes at the one level, base size doubling (32..512 at 32).
+C4_ANCHOR_SIZES = 5
 
 
 # The ResNet's stages in detectron2's order (FREEZE_AT counts them): the stem, then res2..res5.
@@ -44,6 +59,84 @@ def anchor_generator(base_size: int, octaves: int) -> AnchorGenerator:
         tuple(int(base_size * 2**level * 2 ** (octave / octaves)) for octave in range(octaves)) for level in range(5)
     )
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+
+
+def c4_anchor_generator(base_size: int) -> AnchorGenerator:
+    """``C4_ANCHOR_SIZES`` sizes from ``base_size`` up, doubling, with ratios 0.5, 1 and 2, all at the one C4 map."""
+    return AnchorGenerator((tuple(base_size * 2**k for k in range(C4_ANCHOR_SIZES)),), ((0.5, 1.0, 2.0),))
+
+
+class ResNetC4(nn.Module):
+    """The ResNet up to res4 as a detector backbone: ``(B, 3, H, W)`` -> ``{"0": (B, out_channels, H/16, W/16)}``.
+
+    ``body`` holds the stem and ``layer1..3`` under their torchvision names (``backbone.body.*``, as in the FPN
+    detectors); ``out_channels`` is C4's width (1024 for ResNet-50, 256 for ResNet-18).
+    """
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        self.body = IntermediateLayerGetter(resnet, {"layer3": "0"})
+        self.out_channels = resnet.layer3[-1].conv1.in_channels
+
+    def forward(self, images):
+        return self.body(images)
+
+
+class Res5BoxHead(nn.Module):
+    """The C4 R-CNN box head: the ResNet's ``layer4`` on pooled RoIs, then global average pooling.
+
+    ``(R, C4, 14, 14)`` RoI features -> ``layer4`` (stride 2 in its first block) -> ``(R, C5, 7, 7)`` -> ``(R, C5)``.
+    """
+
+    def __init__(self, layer4: nn.Module):
+        super().__init__()
+        self.layer4 = layer4
+
+    def forward(self, rois):
+        return self.layer4(rois).mean(dim=(2, 3))
+
+
+class SharedRes5MaskHead(nn.Module):
+    """The C4 Mask R-CNN mask head: the box head's ``layer4`` itself (the same weights, as detectron2 shares res5),
+    without pooling: ``(R, C4, 14, 14)`` -> ``(R, C5, 7, 7)``, which the mask predictor's 2x2 stride-2 transposed conv
+    turns into 14x14 masks.
+
+    The stage is held outside the module tree, so its weights are saved and loaded once, under
+    ``roi_heads.box_head.layer4``, and moved, frozen and trained with the box head.
+    """
+
+    def __init__(self, box_head: Res5BoxHead):
+        super().__init__()
+        self._box_head = (box_head,)  # a tuple: not registered as a submodule
+
+    def forward(self, rois):
+        return self._box_head[0].layer4(rois)
+
+
+def build_c4_rcnn(
+    arch: str, resnet: nn.Module, c5_channels: int, num_classes: int, anchor_base_size: int, **options
+) -> nn.Module:
+    """Faster or Mask R-CNN on C4: one-level RPN, 14x14 RoIAlign on C4, ``layer4`` box head (and mask head)."""
+    backbone = ResNetC4(resnet)
+    anchors = c4_anchor_generator(anchor_base_size)
+    box_head = Res5BoxHead(resnet.layer4)
+    masks = {}
+    if arch == "maskrcnn_c4":
+        masks["mask_roi_pool"] = MultiScaleRoIAlign(["0"], 14, sampling_ratio=0)
+        masks["mask_head"] = SharedRes5MaskHead(box_head)
+        masks["mask_predictor"] = MaskRCNNPredictor(c5_channels, 256, num_classes)
+    detector = MaskRCNN if arch == "maskrcnn_c4" else FasterRCNN
+    return detector(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 14, sampling_ratio=0),
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(c5_channels, num_classes),
+        **masks,
+        **options,
+    )
 
 
 def resnet_fpn(
@@ -86,6 +179,12 @@ def build_detector(
     (clamped to P2..P5); torchvision's 224 / 4 suits 800-pixel images and sends every object under 112 pixels to P2.
     ``roi_canonical_scale=<pretraining view size>, roi_canonical_level=5`` pools objects the size of a pretraining
     view from P5, half that size from P4 and so on: where multi-level pretraining put them.
+
+    ``fasterrcnn_c4``/``maskrcnn_c4`` (detectron2's R50-C4) read C4 alone: one-level anchors of 5 sizes from
+    ``anchor_base_size`` (32: detectron2's 32..512), 14x14 RoIAlign on C4, ``layer4`` + average pooling as the box
+    head (and, unpooled and with the same weights, the mask head). ``fpn_channels`` and ``roi_canonical_*`` do not
+    apply to them. Their ``frozen_stages=5`` freezes ``layer4`` too, that is the RoI head's res5: only the RPN,
+    the predictors (and the mask predictor) train then.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is invalid: use one of {ARCHITECTURES}")
@@ -96,6 +195,18 @@ def build_detector(
     make_resnet, c5_channels = DEPTHS[backbone]
     resnet = freeze_stages(make_resnet(), frozen_stages)
     sizes = {"min_size": min_size, "max_size": max_size, "image_mean": image_mean, "image_std": image_std}
+    if arch in ("fasterrcnn_c4", "maskrcnn_c4"):
+        return build_c4_rcnn(
+            arch,
+            resnet,
+            c5_channels,
+            num_classes,
+            anchor_base_size,
+            rpn_post_nms_top_n_train=proposals_train,
+            rpn_post_nms_top_n_test=proposals_test,
+            box_batch_size_per_image=rois_per_image,
+            **sizes,
+        )
     width = fpn_channels
     if arch == "retinanet_v2":
         body = resnet_fpn(resnet, [2, 3, 4], width, LastLevelP6P7(c5_channels, width), norm_layer=None)
