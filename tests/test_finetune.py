@@ -194,3 +194,61 @@ def test_frozen_stages_keep_their_weights_and_still_normalise_with_batch_statist
     assert not torch.equal(body.layer1[0].bn1.running_mean, running_mean)
     with pytest.raises(ValueError, match=r"frozen_stages=6 is invalid: use 0 \(train every stage\) to 5"):
         build_detector("fasterrcnn_v2", "resnet18", 3, frozen_stages=6)
+
+
+@pytest.fixture(scope="module")
+def r18_interp_checkpoint(tmp_path_factory):
+    """A ResNet-18 MCL model with the interp neck (the default stage 5), as pretrained for the C4 detectors."""
+    model = MCL(**small_trunk(3, neck={"name": "interp", "out_channels": 16}))
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "r18_interp.ckpt")
+
+
+@pytest.mark.parametrize("arch", ["maskrcnn_c4", "fasterrcnn_c4"])
+def test_a_short_c4_finetune_reports_boxes_and_masks(canvas, r18_interp_checkpoint, tmp_path, arch):
+    """The tiny canvas run of the C4 R-CNNs from interp-pretrained weights: bbox AP for both, segm AP for Mask."""
+    _, checkpoint = r18_interp_checkpoint
+    overrides = ["model.backbone=resnet18", f"model.pretrained={checkpoint}", "model.proposals_test=50"]
+    metrics = finetune(finetune_cfg(canvas, tmp_path, f"model.arch={arch}", *overrides, "~callbacks.checkpoint"))
+    for key in ("val/AP", "val/AP50", "val/APs"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert ("val/mask_AP" in metrics) == (arch == "maskrcnn_c4")
+    evaluation = (tmp_path / "evaluation.json").read_text()
+    assert '"bbox"' in evaluation and ('"segm"' in evaluation) == (arch == "maskrcnn_c4")
+    assert metrics["weights"]["box_head"]["relative_move"] > 0  # res5, the RoI head, trains
+
+
+def test_c4_detectors_read_c4_at_stride_16_and_pool_res5_features():
+    """R18: C4 has 256 channels at H/16; the box head maps (R, 256, 14, 14) RoIs to (R, 512), the mask head to 7x7."""
+    detector = build_detector("maskrcnn_c4", "resnet18", 11, 64, 64).eval()
+    assert detector.backbone.out_channels == 256
+    with torch.no_grad():
+        features = detector.backbone(torch.rand(2, 3, 128, 96))
+        rois = torch.rand(3, 256, 14, 14)
+        assert list(features) == ["0"] and features["0"].shape == (2, 256, 8, 6)
+        assert detector.roi_heads.box_head(rois).shape == (3, 512)
+        assert detector.roi_heads.mask_head(rois).shape == (3, 512, 7, 7)
+        assert detector.roi_heads.mask_predictor(detector.roi_heads.mask_head(rois)).shape == (3, 11, 14, 14)
+    assert detector.roi_heads.box_predictor.cls_score.in_features == 512
+    assert detector.rpn.anchor_generator.sizes == ((32, 64, 128, 256, 512),)  # detectron2's C4 default
+    assert detector.rpn.head.cls_logits.out_channels == 15  # 5 sizes x 3 ratios at each C4 position
+    assert not any(k.startswith("roi_heads.mask_head.") for k in detector.state_dict())  # res5 is saved once
+    r50 = build_detector("fasterrcnn_c4", "resnet50", 11, 64, 64)
+    assert r50.backbone.out_channels == 1024 and r50.roi_heads.box_predictor.cls_score.in_features == 2048
+
+
+@pytest.mark.parametrize(("frozen_stages", "res5_trains"), [(4, True), (5, False)])
+def test_frozen_stages_on_c4_freeze_the_trunk_and_at_5_the_res5_head(frozen_stages, res5_trains):
+    detector = build_detector("maskrcnn_c4", "resnet18", 3, 64, 64, frozen_stages=frozen_stages)
+    body, res5 = detector.backbone.body, detector.roi_heads.box_head.layer4
+    assert not any(p.requires_grad for p in body.parameters())  # stem..res4
+    assert all(p.requires_grad == res5_trains for p in res5.parameters())
+    assert all(p.requires_grad for p in detector.roi_heads.mask_predictor.parameters())
+    before = res5[0].conv1.weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad], lr=0.1)
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[:, 8:40, 8:40] = 1
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}] * 2
+    detector.train()
+    sum(detector([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], targets).values()).backward()
+    optimizer.step()
+    assert torch.equal(res5[0].conv1.weight, before) != res5_trains
