@@ -151,3 +151,19 @@ def test_interp_neck_stages_are_checked(resnet18):
         build_neck("interp", resnet18.channels, 16, levels=4, stage=4)
     with pytest.raises(ValueError, match=r"neck.name=fpn takes no \['stage'\]"):
         build_neck("fpn", resnet18.channels, 16, stage=4)
+
+
+def test_interp_neck_on_c4_embeds_every_cell_and_leaves_res5_outside_the_loss():
+    """neck.stage=4 through the method's cell path: one embedding per cell, no gradient into layer4."""
+    from mcl.methods import MCL
+    from mcl.methods.base import level_cells
+
+    from .conftest import small_trunk
+
+    model = MCL(**small_trunk(3, neck={"name": "interp", "out_channels": 16, "stage": 4}))
+    images = [torch.rand(4, 3, 64, 64), torch.rand(2, 3, 64, 64), torch.rand(1, 3, 64, 64)]
+    cells = level_cells(images, model.backbone, model.neck, model.head)
+    assert [c.shape for c in cells] == [(4, 16), (8, 16), (16, 16)]
+    sum(c.sum() for c in cells).backward()
+    resnet = model.backbone.model
+    assert resnet.layer3[0].conv1.weight.grad is not None and resnet.layer4[0].conv1.weight.grad is None
