@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mcl.checkpoints import LAST, load_checkpoint, newest_loadable
+from mcl.pyramid import neck_with_defaults
 from mcl.runs import STATE_FILE, RunLock, read_json, replaced_atomically, write_json
 from mcl.runtime import (
     CONFIG_DIR,
@@ -70,8 +71,11 @@ ARCHITECTURE_KEYS = (
 
 def check_compatible(checkpoint: dict[str, Any], checkpoint_path: str | Path, model: pl.LightningModule) -> None:
     """Stop with the differing hyper-parameters when a checkpoint was trained with another architecture."""
-    saved = checkpoint.get("hyper_parameters") or {}
+    saved = dict(checkpoint.get("hyper_parameters") or {})
     wanted = dict(model.hparams)
+    for hparams in (saved, wanted):
+        if isinstance(hparams.get("neck"), dict):
+            hparams["neck"] = neck_with_defaults(hparams["neck"])
     differences = [
         f"{key}: checkpoint {saved[key]!r}, config {wanted[key]!r}"
         for key in ARCHITECTURE_KEYS
