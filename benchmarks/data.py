@@ -36,17 +36,15 @@ import torch
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cost import Setting, StepRunner, clock  # noqa: E402
 
-from mcl.data.augment import MultiView, byol_view  # noqa: E402
-from mcl.data.datamodules import BLUR_P, SOLARIZE_P  # noqa: E402
-from mcl.data.device import DeviceViews, ShrinkToFit, collate_sources  # noqa: E402
-from mcl.data.sources import read_rgb  # noqa: E402
+from mcl.data.datamodules import MultiLevelDataModule, Transformed  # noqa: E402
+from mcl.data.device import ShrinkToFit, collate_sources  # noqa: E402
+from mcl.data.sources import ImageFiles, decode_image  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LEVELS = (1, 2, 3, 4)
@@ -90,14 +88,10 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def decode(path: Path) -> torch.Tensor:
-    return TF.pil_to_tensor(read_rgb(str(path)))
-
-
-def cpu_views(image_size: int, levels: int) -> MultiView:
-    """``data.augment_on=cpu``'s training transform (BYOL sides, ImageNet jitter)."""
-    sides = [byol_view(image_size, blur, solarize) for blur, solarize in zip(BLUR_P, SOLARIZE_P, strict=True)]
-    return MultiView(sides, levels)
+def views_of(image_size: int, levels: int) -> MultiLevelDataModule:
+    """The library's training views at ``levels`` (BYOL sides, ImageNet jitter and normalisation):
+    ``train_transform()`` for ``augment_on=cpu``, ``make_device_views()`` for ``augment_on=device``."""
+    return MultiLevelDataModule(image_size=image_size, views_per_side=levels)
 
 
 def cpu_worker_rates(paths: list[Path], image_size: int, rounds: int) -> dict[str, float]:
@@ -105,10 +99,13 @@ def cpu_worker_rates(paths: list[Path], image_size: int, rounds: int) -> dict[st
     work, the median over ``rounds`` of a pass over ``paths``; the kinds take turns, so that a change in machine load
     affects them alike."""
     shrink = ShrinkToFit(SOURCE_MAX_SIDE)
-    works: dict[str, Callable[[Path], Any]] = {"decode": decode, "decode_shrink": lambda p: shrink(decode(p))}
+    works: dict[str, Callable[[Path], Any]] = {
+        "decode": decode_image,
+        "decode_shrink": lambda p: shrink(decode_image(p)),
+    }
     for levels in LEVELS:
-        views = cpu_views(image_size, levels)
-        works[f"levels_{levels}"] = lambda p, views=views: views(decode(p))
+        views = views_of(image_size, levels).train_transform()
+        works[f"levels_{levels}"] = lambda p, views=views: views(decode_image(p))
     seconds: dict[str, list[float]] = {name: [] for name in works}
     for work in works.values():
         work(paths[0])  # warm-up
@@ -125,12 +122,12 @@ def device_rates(
     paths: list[Path], image_size: int, batch: int, device: torch.device, repeats: int, warmup: int
 ) -> dict[str, float]:
     """Source images per second of :class:`DeviceViews` (BYOL sides) on ``device``, per level count."""
-    images = [decode(paths[i % len(paths)]) for i in range(batch)]
+    images = [decode_image(paths[i % len(paths)]) for i in range(batch)]
     source = collate_sources([(image, 0) for image in images])
     source = type(source)(*(t.to(device) for t in source))
     rates = {}
     for levels in LEVELS:
-        views = DeviceViews(image_size, levels, list(zip(BLUR_P, SOLARIZE_P, strict=True)), min_scale=0.2)
+        views = views_of(image_size, levels).make_device_views()
         times = []
         for step in range(warmup + repeats):
             start = clock(device)
@@ -152,27 +149,13 @@ def model_step(setting: Setting, device: torch.device, amp: bool) -> tuple[StepR
     return runner, setting.time_batch / statistics.median(times), counter.get_total_flops()
 
 
-class JpegFiles(Dataset):
-    """What a worker does with ``augment_on=device``: decode and shrink; ``(uint8 (3, H, W), 0)``."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
-        self.shrink = ShrinkToFit(SOURCE_MAX_SIDE)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.shrink(decode(self.paths[index])), 0
-
-
 def end_to_end_rate(
     runner: StepRunner, paths: list[Path], setting: Setting, device: torch.device, workers: int, steps: int
 ) -> float:
     """Source images per second of DataLoader (``workers`` processes) + transfer + DeviceViews + training step."""
     batch = setting.time_batch
     loader = DataLoader(
-        JpegFiles(paths),
+        Transformed(ImageFiles(paths), ShrinkToFit(SOURCE_MAX_SIDE)),  # a data=folder worker's work
         batch_size=batch,
         sampler=RandomSampler(range(len(paths)), replacement=True, num_samples=batch * (steps + setting.warmup)),
         num_workers=workers,
@@ -181,7 +164,7 @@ def end_to_end_rate(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    views = DeviceViews(setting.image_size, MODEL_LEVELS, list(zip(BLUR_P, SOLARIZE_P, strict=True)), min_scale=0.2)
+    views = views_of(setting.image_size, MODEL_LEVELS).make_device_views()
     start = None
     for index, source in enumerate(loader):
         if index == setting.warmup:
