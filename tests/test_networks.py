@@ -153,6 +153,19 @@ def test_interp_neck_stages_are_checked(resnet18):
         build_neck("fpn", resnet18.channels, 16, stage=4)
 
 
+def test_interp_neck_refuses_a_1x1_source_map_for_several_levels(resnet18):
+    """At 32 px C5 is 1x1, and a 1x1 map resized to level 1's 2x2 is four equal cells: every tile the same."""
+    features = [torch.randn(2, c, 32 // s, 32 // s) for c, s in zip(resnet18.channels, (4, 8, 16, 32), strict=True)]
+    maps = build_neck("interp", resnet18.channels, 16, levels=2).eval().forward_levels(features, [1, 1])
+    assert maps[1].shape[-2:] == (2, 2) and torch.equal(maps[1], maps[1][..., :1, :1].expand_as(maps[1]))
+    with pytest.raises(ValueError, match=r"neck.stage=5 with image_size=32 and levels=2 is invalid: C5 is 1x1"):
+        build_neck("interp", resnet18.channels, 16, levels=2, image_size=32)
+    # C4 is 2x2 at 32 px, C5 2x2 at 64 px, and one level reads the map as it is: all accepted.
+    assert build_neck("interp", resnet18.channels, 16, levels=3, image_size=32, stage=4).stage == 4
+    assert build_neck("interp", resnet18.channels, 16, levels=4, image_size=64).stage == 5
+    assert build_neck("interp", resnet18.channels, 16, levels=1, image_size=32).stage == 5
+
+
 def test_interp_neck_on_c4_embeds_every_cell_and_leaves_res5_outside_the_loss():
     """neck.stage=4 through the method's cell path: one embedding per cell, no gradient into layer4."""
     from mcl.methods import MCL

@@ -85,10 +85,20 @@ class InterpolationNeck(nn.Module):
     With ``stage=4`` the loss does not reach ``layer4``: res5 keeps its initial weights (see docs/transfer.md).
     """
 
-    def __init__(self, in_channels: list[int], out_channels: int = 256, levels: int = 4, stage: int = 5):
+    def __init__(
+        self, in_channels: list[int], out_channels: int = 256, levels: int = 4, stage: int = 5, image_size: int = 0
+    ):
         super().__init__()
         if stage not in INTERP_STAGES:
             raise ValueError(f"neck.stage={stage!r} is invalid: use 5 (resize C5, the default) or 4 (resize C4)")
+        if levels > 1 and 0 < image_size < 2 ** (stage + 1):
+            # A 1x1 map resized to any size is one value: every tile of levels 1.. would get the same feature.
+            raise ValueError(
+                f"neck.stage={stage} with image_size={image_size} and levels={levels} is invalid: C{stage} is 1x1, so "
+                f"every tile of levels 1..{levels - 1} would get the same feature; use image_size>={2 ** (stage + 1)}"
+                + (", or neck.stage=4 (C4 is 2x2 at 32 px)" if stage == 5 and image_size >= 32 else "")
+                + ", or levels=1"
+            )
         if stage == 4 and levels > 3:
             raise ValueError(
                 f"neck.stage=4 with levels={levels} is invalid: level i reads a map of stride 16/2**i, and level 3 "
@@ -130,13 +140,15 @@ def neck_with_defaults(neck: dict) -> dict:
     return {**NECK_DEFAULTS.get(neck.get("name"), {}), **neck}
 
 
-def build_neck(name: str, in_channels: list[int], out_channels: int = 256, levels: int = 4, **options) -> nn.Module:
-    """The neck ``name`` for C2..C5 with ``in_channels``, serving montage levels ``0..levels-1``; ``options`` are the
-    neck's own keys (``stage`` for ``interp``)."""
+def build_neck(
+    name: str, in_channels: list[int], out_channels: int = 256, levels: int = 4, image_size: int = 0, **options
+) -> nn.Module:
+    """The neck ``name`` for C2..C5 with ``in_channels``, serving montage levels ``0..levels-1`` of montages of side
+    ``image_size`` (0: unknown, not checked); ``options`` are the neck's own keys (``stage`` for ``interp``)."""
     if name == "fpn":
         if options:
             raise ValueError(f"neck.name=fpn takes no {sorted(options)}: those keys are for other necks")
         return PartialFPN(in_channels, out_channels, levels)
     if name == "interp":
-        return InterpolationNeck(in_channels, out_channels, levels, **options)
+        return InterpolationNeck(in_channels, out_channels, levels, image_size=image_size, **options)
     raise ValueError(f"neck.name={name!r} is invalid: use one of {NECKS}")

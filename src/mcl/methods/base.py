@@ -172,7 +172,7 @@ class MultiLevelModule(pl.LightningModule):
 
         self.backbone = Backbone(**backbone, image_size=image_size, channels_last=channels_last)
         neck = dict(neck)
-        self.neck = build_neck(neck.pop("name"), self.backbone.channels, levels=levels, **neck)
+        self.neck = build_neck(neck.pop("name"), self.backbone.channels, levels=levels, image_size=image_size, **neck)
         self.head = TileHead(self.neck.out_channels, head_convs)
         if self.weight_init == "official":
             official_trunk_init(self.backbone, self.neck, self.head)
