@@ -236,6 +236,25 @@ def test_c4_detectors_read_c4_at_stride_16_and_pool_res5_features():
     assert r50.backbone.out_channels == 1024 and r50.roi_heads.box_predictor.cls_score.in_features == 2048
 
 
+def test_c4_roi_pool_size_sets_both_roialigns_and_the_mask_size_and_fpn_archs_refuse_it():
+    """``roi_pool_size=7``: 7x7 RoIs, res5 gives 4x4, the mask predictor 8x8 masks; the detector still trains."""
+    detector = build_detector("maskrcnn_c4", "resnet18", 3, 64, 64, roi_pool_size=7, rois_per_image=8)
+    heads = detector.roi_heads
+    assert heads.box_roi_pool.output_size == (7, 7) and heads.mask_roi_pool.output_size == (7, 7)
+    with torch.no_grad():
+        assert heads.mask_predictor(heads.mask_head(torch.rand(2, 256, 7, 7))).shape == (2, 3, 8, 8)
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[:, 8:40, 8:40] = 1
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]), "masks": masks}]
+    losses = detector.train()([torch.rand(3, 64, 64)], targets)
+    assert set(losses) >= {"loss_classifier", "loss_mask"} and all(torch.isfinite(v) for v in losses.values())
+    assert build_detector("fasterrcnn_c4", "resnet18", 3).roi_heads.box_roi_pool.output_size == (14, 14)
+    with pytest.raises(ValueError, match=r"roi_pool_size=7 is for the C4 archs; fasterrcnn_v2 pools 7x7"):
+        build_detector("fasterrcnn_v2", "resnet18", 3, roi_pool_size=7)
+    with pytest.raises(ValueError, match=r"roi_pool_size=1 is invalid: use an int >= 2"):
+        build_detector("fasterrcnn_c4", "resnet18", 3, roi_pool_size=1)
+
+
 @pytest.mark.parametrize(("frozen_stages", "res5_trains"), [(4, True), (5, False)])
 def test_frozen_stages_on_c4_freeze_the_trunk_and_at_5_the_res5_head(frozen_stages, res5_trains):
     detector = build_detector("maskrcnn_c4", "resnet18", 3, 64, 64, frozen_stages=frozen_stages)

@@ -162,6 +162,7 @@ def weight_report(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) 
 DETECTOR_OPTIONS = (
     "min_size", "max_size", "anchor_base_size", "proposals_train", "proposals_test", "rois_per_image",
     "image_mean", "image_std", "fpn_channels", "roi_canonical_scale", "roi_canonical_level", "frozen_stages",
+    "roi_pool_size",
 )  # fmt: skip
 
 

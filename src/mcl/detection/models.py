@@ -39,6 +39,8 @@ EXPORT_FORMAT = {
 }
 # The C4 R-CNNs' anchors: detectron2's C4 default of 5 sizes at the one level, base size doubling (32..512 at 32).
 C4_ANCHOR_SIZES = 5
+# detectron2's POOLER_RESOLUTION for its C4 heads: 14x14 RoIs, which res5 (stride 2) turns into 7x7.
+C4_ROI_POOL_SIZE = 14
 
 
 # The ResNet's stages in detectron2's order (FREEZE_AT counts them): the stem, then res2..res5.
@@ -114,15 +116,22 @@ class SharedRes5MaskHead(nn.Module):
 
 
 def build_c4_rcnn(
-    arch: str, resnet: nn.Module, c5_channels: int, num_classes: int, anchor_base_size: int, **options
+    arch: str,
+    resnet: nn.Module,
+    c5_channels: int,
+    num_classes: int,
+    anchor_base_size: int,
+    roi_pool_size: int = C4_ROI_POOL_SIZE,
+    **options,
 ) -> nn.Module:
-    """Faster or Mask R-CNN on C4: one-level RPN, 14x14 RoIAlign on C4, ``layer4`` box head (and mask head)."""
+    """Faster or Mask R-CNN on C4: one-level RPN, RoIAlign on C4 (``roi_pool_size``, 14 as detectron2's C4), ``layer4``
+    box head (and mask head)."""
     backbone = ResNetC4(resnet)
     anchors = c4_anchor_generator(anchor_base_size)
     box_head = Res5BoxHead(resnet.layer4)
     masks = {}
     if arch == "maskrcnn_c4":
-        masks["mask_roi_pool"] = MultiScaleRoIAlign(["0"], 14, sampling_ratio=0)
+        masks["mask_roi_pool"] = MultiScaleRoIAlign(["0"], roi_pool_size, sampling_ratio=0)
         masks["mask_head"] = SharedRes5MaskHead(box_head)
         masks["mask_predictor"] = MaskRCNNPredictor(c5_channels, 256, num_classes)
     detector = MaskRCNN if arch == "maskrcnn_c4" else FasterRCNN
@@ -131,7 +140,7 @@ def build_c4_rcnn(
         num_classes=None,
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
-        box_roi_pool=MultiScaleRoIAlign(["0"], 14, sampling_ratio=0),
+        box_roi_pool=MultiScaleRoIAlign(["0"], roi_pool_size, sampling_ratio=0),
         box_head=box_head,
         box_predictor=FastRCNNPredictor(c5_channels, num_classes),
         **masks,
@@ -164,6 +173,7 @@ def build_detector(
     roi_canonical_scale: int = 224,
     roi_canonical_level: int = 4,
     frozen_stages: int = 0,
+    roi_pool_size: int | None = None,
 ) -> nn.Module:
     """A randomly initialised detector; ``num_classes`` counts the background for the R-CNNs, as torchvision does.
 
@@ -184,7 +194,8 @@ def build_detector(
     ``anchor_base_size`` (32: detectron2's 32..512), 14x14 RoIAlign on C4, ``layer4`` + average pooling as the box
     head (and, unpooled and with the same weights, the mask head). ``fpn_channels`` and ``roi_canonical_*`` do not
     apply to them. Their ``frozen_stages=5`` freezes ``layer4`` too, that is the RoI head's res5: only the RPN,
-    the predictors (and the mask predictor) train then.
+    the predictors (and the mask predictor) train then. ``roi_pool_size`` (C4 only; None: 14, detectron2's) is the
+    side of their RoIAlign output, which res5 halves: res5 runs on every sampled RoI, so its cost goes with the square.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is invalid: use one of {ARCHITECTURES}")
@@ -192,16 +203,28 @@ def build_detector(
         raise ValueError(f"backbone={backbone!r} is invalid for detection: use one of {tuple(DEPTHS)}")
     if frozen_stages not in range(len(STAGES) + 1):
         raise ValueError(f"frozen_stages={frozen_stages!r} is invalid: use 0 (train every stage) to {len(STAGES)}")
+    c4 = arch in ("fasterrcnn_c4", "maskrcnn_c4")
+    if roi_pool_size is not None and not c4:
+        raise ValueError(
+            f"roi_pool_size={roi_pool_size!r} is for the C4 archs; {arch} pools 7x7 (boxes), 14x14 (masks)"
+        )
+    if roi_pool_size is not None and (
+        isinstance(roi_pool_size, bool) or not isinstance(roi_pool_size, int) or roi_pool_size < 2
+    ):
+        raise ValueError(
+            f"roi_pool_size={roi_pool_size!r} is invalid: use an int >= 2 (res5 halves it), or null for 14"
+        )
     make_resnet, c5_channels = DEPTHS[backbone]
     resnet = freeze_stages(make_resnet(), frozen_stages)
     sizes = {"min_size": min_size, "max_size": max_size, "image_mean": image_mean, "image_std": image_std}
-    if arch in ("fasterrcnn_c4", "maskrcnn_c4"):
+    if c4:
         return build_c4_rcnn(
             arch,
             resnet,
             c5_channels,
             num_classes,
             anchor_base_size,
+            roi_pool_size or C4_ROI_POOL_SIZE,
             rpn_post_nms_top_n_train=proposals_train,
             rpn_post_nms_top_n_test=proposals_test,
             box_batch_size_per_image=rois_per_image,
