@@ -1,13 +1,16 @@
 """Transfer benchmark (``make transfer``): does pretraining help detection on Fashion-MNIST canvases, beyond noise?
 
 Every row pretrains a ResNet-18 on the same Fashion-MNIST images for the same number of epochs (or not at all),
-is measured frozen (kNN and linear-probe top-1), and then fine-tunes the same Faster R-CNN R18-FPN v2 on canvases
-of Fashion-MNIST items pasted at widely varying scales, under one protocol:
+is measured frozen (kNN and linear-probe top-1), and then fine-tunes the same detector (``--arch``: Faster R-CNN
+R18-FPN v2 by default; ``fasterrcnn_c4``/``maskrcnn_c4`` for the single-map C4 family) on canvases of
+Fashion-MNIST items pasted at widely varying scales, under one protocol:
 
 - the same trainable parts for every row: by default the backbone frozen as pretrained (``--frozen-stages 5``: what
   the representation gives a detector; a supervised control on the canvases' own items beats random weights here)
   with the FPN, RPN and box head trained; ``--frozen-stages 0`` trains every stage as the SSL detection configs do
-  (on these 360 canvases random weights learn the items as fast as pretrained ones: see docs/transfer.md);
+  (on these 360 canvases random weights learn the items as fast as pretrained ones: see docs/transfer.md); the C4
+  detectors' default is ``--frozen-stages 4``: the stages up to the C4 map they read frozen, their RoI head (res5),
+  RPN and predictors trained, the same split between the representation and the detector's own heads;
 - BatchNorm everywhere (backbone, FPN, box head) normalising with batch statistics, as the SyncBN detection configs
   of the SSL literature do; the input normalised as in pretraining;
 - a learning rate chosen per row from a grid, by AP on a held-out part of the training canvases (never on the
@@ -44,6 +47,7 @@ from mcl.detection.analysis import plot_ap_by_iou_seeds, plot_scale_spread
 from mcl.detection.coco import split_annotations
 from mcl.detection.fashion_canvas import CanvasSpec, build_fashion_canvas, object_scale_spread
 from mcl.detection.finetune import finetune
+from mcl.detection.models import ARCHITECTURES, C4_ROI_POOL_SIZE, MASK_ARCHITECTURES
 from mcl.detection.probe import PLACES, object_probe_top1, read_objects
 from mcl.knn import knn_top1
 from mcl.linear import feature_probe_top1, frozen_backbone, pooled_features
@@ -58,12 +62,31 @@ ROI_LEVELS = {
     "torchvision": "torchvision's level rule (a 224 px RoI on P4, so every object here on P2)",
     "pretraining": "the pretraining's scales (a view-sized RoI on P5, half that on P4, ...)",
 }
+ARCH_NAMES = {
+    "fasterrcnn_v2": "Faster R-CNN R18-FPN v2",
+    "maskrcnn_v2": "Mask R-CNN R18-FPN v2",
+    "retinanet_v2": "RetinaNet R18-FPN v2",
+    "fasterrcnn_c4": "Faster R-CNN R18-C4",
+    "maskrcnn_c4": "Mask R-CNN R18-C4",
+}
+C4_ARCHITECTURES = ("fasterrcnn_c4", "maskrcnn_c4")
+# On CPU cores: the C4 detectors run res5 on every sampled RoI (about 100 times the backbone's cost on a 96 px
+# canvas at 32 RoIs of 14x14); half the RoIs and 7x7 RoIAlign (4x4 out of res5; the canvases' C4 map is 6x6) make a
+# fine-tuning about 5 minutes on 2 CPU cores instead of 25.
+C4_SIZING = {"rois": 16, "roi_pool_size": 7}
 # frozen_stages -> what fine-tuning trains (mcl-finetune's model.frozen_stages, detectron2's FREEZE_AT).
 FROZEN = {
     0: "every backbone stage trained",
     **{n: f"the first {n} backbone stages frozen (stem = 1), the rest trained" for n in range(1, 5)},
     5: "the backbone frozen (the representation as pretrained; BN still normalises with batch statistics), "
     "FPN, RPN and box head trained",
+}
+# The same for the C4 detectors, whose RoI head is the ResNet's res5.
+FROZEN_C4 = {
+    **FROZEN,
+    4: "the stem and res2..res4 frozen (C4, the map the detector reads, as pretrained; BN still normalises with "
+    "batch statistics), res5 (the RoI head, starting from the loaded res5), RPN and predictors trained",
+    5: "the whole ResNet frozen, res5 (the RoI head) included; RPN and predictors trained",
 }
 # name -> mcl-train overrides (None: no pretraining).
 ROWS: dict[str, list[str] | None] = {
@@ -73,7 +96,15 @@ ROWS: dict[str, list[str] | None] = {
     "MCL, 1 level": ["levels=1"],
     "MCL, 3 levels": ["levels=3"],
     "MCL, 3 levels, same-level": ["levels=3", "loss.target_assignment=same-level"],
+    # The single-map neck that pretrains for the C4 detectors. Stage 4 (C4 resized per level) at the benchmark's
+    # 32 px, where C5 is 1x1 and stage 5 would give every tile of levels 1-2 the same feature (refused).
+    "MCL, 3 levels, interp C4": ["levels=3", "neck=interp", "neck.stage=4"],
+    # Stage 5 (the library's default for C4 transfer: it also pretrains res5) needs C5 of 2x2 or more: --large's
+    # 64 px views.
+    "MCL, 3 levels, interp C5": ["levels=3", "neck=interp", "neck.stage=5"],
 }
+# Rows whose pretraining needs views of at least this many pixels.
+MIN_IMAGE_SIZE = {"MCL, 3 levels, interp C5": 64}
 DEFAULT_ROWS = (BASELINE, "supervised", "MCL, 1 level", "MCL, 3 levels")
 SETTINGS = {
     # The default: every required row, 3 fine-tuning seeds, within 90 minutes on 2 CPU cores. Pretraining at 32 px
@@ -241,15 +272,23 @@ def fine_tune(
     names += ("train_canvases", "val_canvases")
     settings = {"row": row, "checkpoint": checkpoint, "lr": lr, "seed": seed, "split": split}
     settings.update({k: s[k] for k in names})
+    c4_sizing = []
+    if s["arch"] != "fasterrcnn_v2":  # the default detector's runs keep the cache keys they had before --arch
+        settings["arch"] = s["arch"]
+    if s["arch"] in C4_ARCHITECTURES:
+        settings["roi_pool_size"] = s["roi_pool_size"]
+        c4_sizing = [f"model.roi_pool_size={s['roi_pool_size']}"]
     if s.get("finetune_overrides"):
         settings["overrides"] = list(s["finetune_overrides"])
     roi_levels = []
     if s.get("roi_levels", "torchvision") == "pretraining":
         settings["roi_levels"] = "pretraining"
         roi_levels = [f"model.roi_canonical_scale={s['image_size']}", "model.roi_canonical_level=5"]
-    folder = s["runs"] / f"finetune_{slug(row)}_{split}_lr{lr:g}_seed{seed}_{key(settings)}"
+    arch = "" if s["arch"] == "fasterrcnn_v2" else f"{s['arch']}_"
+    folder = s["runs"] / f"finetune_{arch}{slug(row)}_{split}_lr{lr:g}_seed{seed}_{key(settings)}"
     overrides = [
-        f"seed={seed}", f"data.root={data['root']}", f"data.train_annotations={train_annotations}",
+        f"model.arch={s['arch']}", f"seed={seed}", f"data.root={data['root']}",
+        f"data.train_annotations={train_annotations}",
         f"data.val_images={val_images}", f"data.val_annotations={val_annotations}",
         f"data.batch_size={s['batch_size']}", f"data.num_workers={s['workers']}",
         f"detection_schedule.max_epochs={s['finetune_epochs']}", "detection_schedule.warmup_steps=50",
@@ -261,7 +300,8 @@ def fine_tune(
         f"model.pretrained={checkpoint}" if checkpoint else "model.pretrained=null",
         f"trainer.accelerator={s['accelerator']}", "trainer.enable_progress_bar=false",
         f"+trainer.check_val_every_n_epoch={s['finetune_epochs']}", "trainer.num_sanity_val_steps=0",
-        "~callbacks.checkpoint", "~callbacks.last", "logger=csv", *roi_levels, *s.get("finetune_overrides", ()),
+        "~callbacks.checkpoint", "~callbacks.last", "logger=csv", *roi_levels, *c4_sizing,
+        *s.get("finetune_overrides", ()),
     ]  # fmt: skip
     return cached(folder, settings, lambda: finetune(composed("finetune", overrides, folder / "run")))
 
@@ -322,20 +362,28 @@ def markdown(
     pm = lambda values: "{:.1f} ± {:.1f}".format(*mean_std(values))  # noqa: E731
     # The fine-tuning overrides beyond the frozen stages, which the text names on their own.
     extra_finetune = [o for o in s["finetune_overrides"] if not o.startswith("model.frozen_stages=")]
+    c4 = s["arch"] in C4_ARCHITECTURES
+    masks = s["arch"] in MASK_ARCHITECTURES
     lines = [
-        f"# Transfer benchmark ({name}): Fashion-MNIST canvases, Faster R-CNN R18-FPN v2",
+        f"# Transfer benchmark ({name}): Fashion-MNIST canvases, {ARCH_NAMES[s['arch']]}",
         "",
         f"Produced by `{s['command']}` "
         f"on {machine()}: {run_minutes(results, pixels):.0f} min of pretraining, probing and fine-tuning in all "
         f"(the sum of every run's time; this invocation took {minutes:.0f} min, reusing cached runs). "
         f"Pretraining: {s['pretrain_epochs']} epochs on "
-        f"{s['pretrain_images']} Fashion-MNIST training images (ResNet-18, {s['image_size']} px, FPN and head "
+        f"{s['pretrain_images']} Fashion-MNIST training images (ResNet-18, {s['image_size']} px, neck and tile head "
         f"{s['width']} channels; otherwise the library's CPU recipe: batch 64, LARS for MCL, SGD for supervised; "
         f"extra overrides: {list(s.get('pretrain_overrides', [])) or 'none'}). "
-        f"Fine-tuning: {FROZEN[s['frozen_stages']]}; {s['finetune_epochs']} epochs, batch {s['batch_size']}, "
+        f"Fine-tuning {ARCH_NAMES[s['arch']]} (`model.arch={s['arch']}`): "
+        f"{(FROZEN_C4 if c4 else FROZEN)[s['frozen_stages']]}; {s['finetune_epochs']} epochs, batch {s['batch_size']}, "
         f"on {s['train_canvases']} canvases of "
         f"{s['canvas']} px (items of Fashion-MNIST's training split), RoIs pooled by "
-        f"{ROI_LEVELS[s.get('roi_levels', 'torchvision')]}, "
+        + (
+            f"{s['roi_pool_size']}x{s['roi_pool_size']} RoIAlign on C4 (stride 16; {s['rois']} RoIs sampled per "
+            "image), "
+            if c4
+            else f"{ROI_LEVELS[s.get('roi_levels', 'torchvision')]}, "
+        )
         + (f"extra overrides {extra_finetune}, " if extra_finetune else "")
         + "SGD with "
         + (
@@ -360,15 +408,23 @@ def markdown(
         "(alone at a random place).",
         "",
         "| pretraining | kNN top-1 | linear top-1 | objects in place | objects centred | objects moved | lr | AP "
-        "| AP per seed | AP50 | AP75 | vs random init | pretrain min | fine-tune min |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| AP per seed | AP50 | AP75 | vs random init |"
+        + (" mask AP | mask vs random init |" if masks else "")
+        + " pretrain min | fine-tune min |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        + (" ---: | --- |" if masks else "")
+        + " ---: | ---: |",
     ]
     for row, result in results.items():
         first = result["pretrainings"][0]
-        versus = "-"
+        versus = mask_versus = "-"
         if row != BASELINE:
             c = compare_means(seed_values(result, "AP"), baseline)
             versus = f"{c['gap']:+.1f} ± {c['two_se']:.1f}: {c['verdict']}"
+            if masks:
+                c = compare_means(seed_values(result, "mask_AP"), seed_values(results[BASELINE], "mask_AP"))
+                mask_versus = f"{c['gap']:+.1f} ± {c['two_se']:.1f}: {c['verdict']}"
+        mask = f" {pm(seed_values(result, 'mask_AP'))} | {mask_versus} |" if masks else ""
         tune_min = (first["grid_s"] + sum(r["seconds"] for r in first["runs"])) / 60
         seeds = " / ".join(f"{ap:.1f}" for ap in seed_values(result, "AP"))
         pre = f"{first['pretrain_s'] / 60:.1f}" if row != BASELINE else "-"
@@ -378,7 +434,7 @@ def markdown(
         lines.append(
             f"| {row} | {first['knn_top1']:.1f} | {first['linear_top1']:.1f} | {objects} | {first['lr']:g} | "
             f"{pm(seed_values(result, 'AP'))} | {seeds} | {pm(seed_values(result, 'AP50'))} | "
-            f"{pm(seed_values(result, 'AP75'))} | {versus} | {pre} | {tune_min:.1f} |"
+            f"{pm(seed_values(result, 'AP75'))} | {versus} |{mask} {pre} | {tune_min:.1f} |"
         )
     scales = ("APs3", "APm3", "APl3", "APs", "APm", "APl")
     lines += [
@@ -418,7 +474,8 @@ def markdown(
         "Weights (fine-tuning seed 0): norm of the conv/linear weights of each part when fine-tuning starts, as a "
         "multiple of the random initialisation's, and in brackets how far fine-tuning moved them "
         "(`||w_end - w_start|| / ||w_start||`, in %). A conv followed by BatchNorm is scale-invariant: its effective "
-        "step is lr / ||w||², so weights k times larger move k² times less for the same lr.",
+        "step is lr / ||w||², so weights k times larger move k² times less for the same lr."
+        + (" The C4 detector's box_head is the ResNet's res5." if c4 else ""),
         "",
         "| pretraining | " + " | ".join(parts) + " |",
         "| --- | " + " | ".join("---:" for _ in parts) + " |",
@@ -449,6 +506,10 @@ def main() -> None:
         "--roi-levels", choices=("torchvision", "pretraining"), default="torchvision",
         help="RoI-to-level mapping: torchvision's (224 px on P4) or the pretraining's (view size on P5)",
     )  # fmt: skip
+    parser.add_argument(
+        "--arch", choices=ARCHITECTURES, default="fasterrcnn_v2",
+        help="the detector every row fine-tunes (mcl-finetune's model.arch; default: Faster R-CNN R18-FPN v2)",
+    )  # fmt: skip
     parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs instead of the settings'")
     parser.add_argument(
         "--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
@@ -459,7 +520,8 @@ def main() -> None:
         type=int,
         choices=range(6),
         metavar="N",
-        help="backbone stages kept frozen in fine-tuning (detectron2's FREEZE_AT; default: the settings', 5 = all)",
+        help="backbone stages kept frozen in fine-tuning (detectron2's FREEZE_AT; default: the settings', 5 = all; "
+        "4 for the C4 detectors, whose res5 is the RoI head)",
     )
     parser.add_argument(
         "--finetune-override",
@@ -495,8 +557,23 @@ def main() -> None:
         s["finetune_epochs"] = args.finetune_epochs
     if args.pretrain_override:
         s["pretrain_overrides"] = (*s.get("pretrain_overrides", ()), *args.pretrain_override)
+    s["arch"] = args.arch
     if args.frozen_stages is not None:
         s["frozen_stages"] = args.frozen_stages
+    elif args.arch in C4_ARCHITECTURES and s["frozen_stages"] == 5:
+        s["frozen_stages"] = 4  # the representation frozen (up to C4), the detector's heads (res5 included) trained
+    if args.arch in C4_ARCHITECTURES:  # detectron2's 14x14 RoIs on a GPU, the cheaper sizing on CPU cores
+        cpu = s["accelerator"] == "cpu"
+        s["rois"] = min(s["rois"], C4_SIZING["rois"]) if cpu else s["rois"]
+        s["roi_pool_size"] = C4_SIZING["roi_pool_size"] if cpu else C4_ROI_POOL_SIZE
+    if args.arch in C4_ARCHITECTURES and args.roi_levels != "torchvision":
+        parser.error(f"--roi-levels {args.roi_levels} is for the FPN detectors: {args.arch} pools every RoI from C4")
+    too_small = [row for row in s["rows"] if s["image_size"] < MIN_IMAGE_SIZE.get(row, 0)]
+    if too_small:
+        parser.error(
+            f"rows {too_small} need views of at least {[MIN_IMAGE_SIZE[row] for row in too_small]} px, these "
+            f"settings pretrain at {s['image_size']} px: use --large"
+        )
     frozen = (f"model.frozen_stages={s['frozen_stages']}",) if s["frozen_stages"] else ()
     s["finetune_overrides"] = (*frozen, *args.finetune_override)
     s["roi_levels"] = args.roi_levels

@@ -1,6 +1,7 @@
 """``benchmarks/transfer.py --quick``: the whole transfer protocol end to end, on a handful of images."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,41 @@ def test_quick_transfer_benchmark_writes_the_table_and_resumes_from_its_cache(tm
     rerun = subprocess.run(command, check=True, capture_output=True, text=True)
     assert "Trainer.fit" not in rerun.stdout + rerun.stderr
     assert json.loads((tmp_path / "transfer_quick.json").read_text())["rows"] == summary["rows"]
+
+
+def test_quick_c4_transfer_fine_tunes_mask_rcnn_c4_from_the_interp_neck(tmp_path):
+    """``--arch maskrcnn_c4``: the C4 detector for every row, res5 trained (``--frozen-stages 4`` by default), box and
+    mask AP per row; the interp pretraining row reads C4 at the benchmark's 32 px."""
+    command = [
+        sys.executable, str(SCRIPT), "--quick", "--arch", "maskrcnn_c4", "--rows", "MCL, 3 levels, interp C4",
+        "--lrs", "0.02", "--seeds", "1", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path), "--tag", "c4",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    summary = json.loads((tmp_path / "transfer_c4.json").read_text())
+    assert list(summary["rows"]) == ["random init", "MCL, 3 levels, interp C4"]
+    assert summary["settings"]["arch"] == "maskrcnn_c4" and summary["settings"]["frozen_stages"] == 4
+    for row in summary["rows"].values():
+        (run,) = row["pretrainings"][0]["runs"]
+        assert 0 <= run["val/AP"] <= 100 and 0 <= run["val/mask_AP"] <= 100
+        # res4 frozen as loaded, res5 (the box head) trained; no FPN in a C4 detector.
+        assert run["weights"]["res4"]["relative_move"] == 0 and run["weights"]["box_head"]["relative_move"] > 0
+        assert "fpn" not in run["weights"] and "res5" not in run["weights"]
+    runs = sorted(path.name for path in (tmp_path / "runs").iterdir() if path.name.startswith("finetune"))
+    assert len(runs) == 2 and all(name.startswith("finetune_maskrcnn_c4_") for name in runs)
+    table = (tmp_path / "transfer_c4.md").read_text()
+    assert "Mask R-CNN R18-C4" in table and "| mask AP | mask vs random init |" in table
+    assert "res5 (the RoI head, starting from the loaded res5), RPN and predictors trained" in table
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--arch", "fasterrcnn_c4", "--roi-levels", "pretraining"], "is for the FPN detectors"),
+        (["--rows", "MCL, 3 levels, interp C5"], r"need views of at least \[64\] px, these settings pretrain at 32"),
+    ],
+)
+def test_settings_a_c4_run_cannot_use_are_refused_before_any_work(tmp_path, arguments, message):
+    command = [sys.executable, str(SCRIPT), "--quick", "--runs", str(tmp_path / "runs"), *arguments]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and re.search(message, result.stderr)
+    assert not (tmp_path / "runs").exists()
