@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -104,10 +106,11 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     rows = {name: time_variant(options, args, device) for name, options in VARIANTS.items()}
     first_step, first_eval = next(iter(rows.values()))
+    command = shlex.join(["python", "benchmarks/detector_step.py", *sys.argv[1:]])
     lines = [
         "# Detector step cost",
         "",
-        f"Produced by `python benchmarks/detector_step.py --device {args.device}` on {where}: ResNet-18, batch "
+        f"Produced by `{command}` on {where}: ResNet-18, batch "
         f"{args.batch_size} of {args.canvas} px canvases with 2 objects each, 200/50 RPN proposals (train/test), "
         f"median of {args.repeats} steps after {args.warmup} untimed ones; ratios to the first row, same run.",
         "",

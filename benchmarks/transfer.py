@@ -70,9 +70,9 @@ ARCH_NAMES = {
     "maskrcnn_c4": "Mask R-CNN R18-C4",
 }
 C4_ARCHITECTURES = ("fasterrcnn_c4", "maskrcnn_c4")
-# On CPU cores: the C4 detectors run res5 on every sampled RoI (about 100 times the backbone's cost on a 96 px
-# canvas at 32 RoIs of 14x14); half the RoIs and 7x7 RoIAlign (4x4 out of res5; the canvases' C4 map is 6x6) make a
-# fine-tuning about 5 minutes on 2 CPU cores instead of 25.
+# On CPU cores: the C4 detectors run res5 on every sampled RoI, a training step 10 times the FPN detector's at 32
+# RoIs of 14x14 (benchmarks/detector_step.py); half the RoIs and 7x7 RoIAlign (4x4 out of res5; the canvases' C4 map
+# is 6x6) make it 2 times, a fine-tuning about 5 minutes on 2 CPU cores instead of 25.
 C4_SIZING = {"rois": 16, "roi_pool_size": 7}
 # frozen_stages -> what fine-tuning trains (mcl-finetune's model.frozen_stages, detectron2's FREEZE_AT).
 FROZEN = {

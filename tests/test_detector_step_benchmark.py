@@ -19,4 +19,5 @@ def test_detector_step_benchmark_times_every_variant(tmp_path):
     rows = re.findall(r"^\| (\w+_\w+, [^|]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) \| ([\d.]+)x \|$", page, re.M)
     assert [row[0].split(",")[0] for row in rows] == ["fasterrcnn_v2", *["fasterrcnn_c4"] * 3, *["maskrcnn_c4"] * 2]
     assert rows[0][2] == "1.0" and all(float(row[1]) > 0 and float(row[3]) > 0 for row in rows)
-    assert "`python benchmarks/detector_step.py --device cpu` on" in page and "batch 1 of 64 px canvases" in page
+    assert "`python benchmarks/detector_step.py --canvas 64 --batch-size 1 --repeats 1 --warmup 0 --output" in page
+    assert "batch 1 of 64 px canvases" in page
