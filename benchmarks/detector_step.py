@@ -14,12 +14,14 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from mcl.detection.models import build_detector
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cost import clock  # noqa: E402
 
 # name -> build_detector options beyond the shared ones (R18, 96 px, 10 classes, the benchmark's proposals).
 VARIANTS = {
@@ -53,11 +55,6 @@ def batch(size: int, canvas: int, device: torch.device) -> tuple[list[torch.Tens
     return images, targets
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_variant(options: dict, args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
     """Median seconds of a training step and of an evaluation batch (after ``args.warmup`` untimed steps)."""
     torch.manual_seed(0)
@@ -71,25 +68,21 @@ def time_variant(options: dict, args: argparse.Namespace, device: torch.device) 
     steps = []
     detector.train()
     for step in range(args.warmup + args.repeats):
-        sync(device)
-        started = time.perf_counter()
+        started = clock(device)
         loss = sum(detector(images, targets).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        sync(device)
         if step >= args.warmup:
-            steps.append(time.perf_counter() - started)
+            steps.append(clock(device) - started)
     evaluations = []
     detector.eval()
     with torch.no_grad():
         for step in range(1 + args.repeats):
-            sync(device)
-            started = time.perf_counter()
+            started = clock(device)
             detector(images)
-            sync(device)
             if step:
-                evaluations.append(time.perf_counter() - started)
+                evaluations.append(clock(device) - started)
     return statistics.median(steps), statistics.median(evaluations)
 
 
