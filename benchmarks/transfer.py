@@ -47,7 +47,7 @@ from mcl.detection.analysis import plot_ap_by_iou_seeds, plot_scale_spread
 from mcl.detection.coco import split_annotations
 from mcl.detection.fashion_canvas import CanvasSpec, build_fashion_canvas, object_scale_spread
 from mcl.detection.finetune import finetune
-from mcl.detection.models import ARCHITECTURES, C4_ROI_POOL_SIZE, MASK_ARCHITECTURES
+from mcl.detection.models import ARCHITECTURES, C4_ARCHITECTURES, C4_ROI_POOL_SIZE, MASK_ARCHITECTURES
 from mcl.detection.probe import PLACES, object_probe_top1, read_objects
 from mcl.knn import knn_top1
 from mcl.linear import feature_probe_top1, frozen_backbone, pooled_features
@@ -69,7 +69,6 @@ ARCH_NAMES = {
     "fasterrcnn_c4": "Faster R-CNN R18-C4",
     "maskrcnn_c4": "Mask R-CNN R18-C4",
 }
-C4_ARCHITECTURES = ("fasterrcnn_c4", "maskrcnn_c4")
 # On CPU cores: the C4 detectors run res5 on every sampled RoI, a training step 10 times the FPN detector's at 32
 # RoIs of 14x14 (benchmarks/detector_step.py); half the RoIs and 7x7 RoIAlign (4x4 out of res5; the canvases' C4 map
 # is 6x6) make it 2 times, a fine-tuning about 5 minutes on 2 CPU cores instead of 25.

@@ -28,6 +28,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 ARCHITECTURES = ("fasterrcnn_v2", "maskrcnn_v2", "retinanet_v2", "fasterrcnn_c4", "maskrcnn_c4")
 MASK_ARCHITECTURES = ("maskrcnn_v2", "maskrcnn_c4")
+# The single-map R-CNNs (detectron2's R50-C4 layout): C4 alone, res5 as the RoI head.
+C4_ARCHITECTURES = ("fasterrcnn_c4", "maskrcnn_c4")
 DEPTHS = {"resnet18": (torchvision.models.resnet18, 512), "resnet50": (torchvision.models.resnet50, 2048)}
 # Which export format each detector loads (see mcl.export).
 EXPORT_FORMAT = {
@@ -203,7 +205,7 @@ def build_detector(
         raise ValueError(f"backbone={backbone!r} is invalid for detection: use one of {tuple(DEPTHS)}")
     if frozen_stages not in range(len(STAGES) + 1):
         raise ValueError(f"frozen_stages={frozen_stages!r} is invalid: use 0 (train every stage) to {len(STAGES)}")
-    c4 = arch in ("fasterrcnn_c4", "maskrcnn_c4")
+    c4 = arch in C4_ARCHITECTURES
     if roi_pool_size is not None and not c4:
         raise ValueError(
             f"roi_pool_size={roi_pool_size!r} is for the C4 archs; {arch} pools 7x7 (boxes), 14x14 (masks)"
