@@ -51,6 +51,7 @@ from mcl.detection.models import ARCHITECTURES, C4_ARCHITECTURES, C4_ROI_POOL_SI
 from mcl.detection.probe import PLACES, object_probe_top1, read_objects
 from mcl.knn import knn_top1
 from mcl.linear import feature_probe_top1, frozen_backbone, pooled_features
+from mcl.pyramid import interp_min_image_size
 from mcl.results import compare_means, mean_std
 from mcl.runtime import CONFIG_DIR
 from mcl.train import train
@@ -102,8 +103,8 @@ ROWS: dict[str, list[str] | None] = {
     # 64 px views.
     "MCL, 3 levels, interp C5": ["levels=3", "neck=interp", "neck.stage=5"],
 }
-# Rows whose pretraining needs views of at least this many pixels.
-MIN_IMAGE_SIZE = {"MCL, 3 levels, interp C5": 64}
+# Rows whose pretraining needs views of at least this many pixels (what the interp neck accepts).
+MIN_IMAGE_SIZE = {"MCL, 3 levels, interp C5": interp_min_image_size(stage=5, levels=3)}
 DEFAULT_ROWS = (BASELINE, "supervised", "MCL, 1 level", "MCL, 3 levels")
 SETTINGS = {
     # The default: every required row, 3 fine-tuning seeds, within 90 minutes on 2 CPU cores. Pretraining at 32 px

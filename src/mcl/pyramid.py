@@ -75,6 +75,13 @@ class PartialFPN(FeaturePyramidNetwork):
 INTERP_STAGES = (4, 5)
 
 
+def interp_min_image_size(stage: int, levels: int) -> int:
+    """The smallest montage side the ``interp`` neck on C``stage`` accepts with ``levels`` levels: with more than
+    one level its source map must have 2x2 cells or more, since a 1x1 map resized to any size is one value and every
+    tile of levels 1.. would get the same feature (0: no bound, one level reads the map as it is)."""
+    return 2 ** (stage + 1) if levels > 1 else 0
+
+
 class InterpolationNeck(nn.Module):
     """For single-level (C4-style) detectors: a 1x1 conv + BN on one C stage, bilinearly resized per level.
 
@@ -91,11 +98,11 @@ class InterpolationNeck(nn.Module):
         super().__init__()
         if stage not in INTERP_STAGES:
             raise ValueError(f"neck.stage={stage!r} is invalid: use 5 (resize C5, the default) or 4 (resize C4)")
-        if levels > 1 and 0 < image_size < 2 ** (stage + 1):
-            # A 1x1 map resized to any size is one value: every tile of levels 1.. would get the same feature.
+        if 0 < image_size < interp_min_image_size(stage, levels):
             raise ValueError(
                 f"neck.stage={stage} with image_size={image_size} and levels={levels} is invalid: C{stage} is 1x1, so "
-                f"every tile of levels 1..{levels - 1} would get the same feature; use image_size>={2 ** (stage + 1)}"
+                f"every tile of levels 1..{levels - 1} would get the same feature; use "
+                f"image_size>={interp_min_image_size(stage, levels)}"
                 + (", or neck.stage=4 (C4 is 2x2 at 32 px)" if stage == 5 and image_size >= 32 else "")
                 + ", or levels=1"
             )
