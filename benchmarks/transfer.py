@@ -74,6 +74,7 @@ ARCH_NAMES = {
 # RoIs of 14x14 (benchmarks/detector_step.py); half the RoIs and 7x7 RoIAlign (4x4 out of res5; the canvases' C4 map
 # is 6x6) make it 2 times, a fine-tuning about 5 minutes on 2 CPU cores instead of 25.
 C4_SIZING = {"rois": 16, "roi_pool_size": 7}
+DEFAULT_ARCH = "fasterrcnn_v2"
 # frozen_stages -> what fine-tuning trains (mcl-finetune's model.frozen_stages, detectron2's FREEZE_AT).
 FROZEN = {
     0: "every backbone stage trained",
@@ -273,7 +274,7 @@ def fine_tune(
     settings = {"row": row, "checkpoint": checkpoint, "lr": lr, "seed": seed, "split": split}
     settings.update({k: s[k] for k in names})
     c4_sizing = []
-    if s["arch"] != "fasterrcnn_v2":  # the default detector's runs keep the cache keys they had before --arch
+    if s["arch"] != DEFAULT_ARCH:  # the default detector's runs keep the cache keys they had before --arch
         settings["arch"] = s["arch"]
     if s["arch"] in C4_ARCHITECTURES:
         settings["roi_pool_size"] = s["roi_pool_size"]
@@ -284,7 +285,7 @@ def fine_tune(
     if s.get("roi_levels", "torchvision") == "pretraining":
         settings["roi_levels"] = "pretraining"
         roi_levels = [f"model.roi_canonical_scale={s['image_size']}", "model.roi_canonical_level=5"]
-    arch = "" if s["arch"] == "fasterrcnn_v2" else f"{s['arch']}_"
+    arch = "" if s["arch"] == DEFAULT_ARCH else f"{s['arch']}_"
     folder = s["runs"] / f"finetune_{arch}{slug(row)}_{split}_lr{lr:g}_seed{seed}_{key(settings)}"
     overrides = [
         f"model.arch={s['arch']}", f"seed={seed}", f"data.root={data['root']}",
@@ -358,8 +359,15 @@ def machine() -> str:
 def markdown(
     results: dict[str, dict], s: dict[str, Any], name: str, spread: dict, ranges, minutes: float, pixels: dict
 ) -> str:
-    baseline = seed_values(results[BASELINE], "AP")
     pm = lambda values: "{:.1f} ± {:.1f}".format(*mean_std(values))  # noqa: E731
+
+    def versus(row: str, stat: str) -> str:
+        """The row's ``stat`` against random init's: the gap, twice its standard error and the verdict."""
+        if row == BASELINE:
+            return "-"
+        c = compare_means(seed_values(results[row], stat), seed_values(results[BASELINE], stat))
+        return f"{c['gap']:+.1f} ± {c['two_se']:.1f}: {c['verdict']}"
+
     # The fine-tuning overrides beyond the frozen stages, which the text names on their own.
     extra_finetune = [o for o in s["finetune_overrides"] if not o.startswith("model.frozen_stages=")]
     c4 = s["arch"] in C4_ARCHITECTURES
@@ -417,14 +425,7 @@ def markdown(
     ]
     for row, result in results.items():
         first = result["pretrainings"][0]
-        versus = mask_versus = "-"
-        if row != BASELINE:
-            c = compare_means(seed_values(result, "AP"), baseline)
-            versus = f"{c['gap']:+.1f} ± {c['two_se']:.1f}: {c['verdict']}"
-            if masks:
-                c = compare_means(seed_values(result, "mask_AP"), seed_values(results[BASELINE], "mask_AP"))
-                mask_versus = f"{c['gap']:+.1f} ± {c['two_se']:.1f}: {c['verdict']}"
-        mask = f" {pm(seed_values(result, 'mask_AP'))} | {mask_versus} |" if masks else ""
+        mask = f" {pm(seed_values(result, 'mask_AP'))} | {versus(row, 'mask_AP')} |" if masks else ""
         tune_min = (first["grid_s"] + sum(r["seconds"] for r in first["runs"])) / 60
         seeds = " / ".join(f"{ap:.1f}" for ap in seed_values(result, "AP"))
         pre = f"{first['pretrain_s'] / 60:.1f}" if row != BASELINE else "-"
@@ -434,7 +435,7 @@ def markdown(
         lines.append(
             f"| {row} | {first['knn_top1']:.1f} | {first['linear_top1']:.1f} | {objects} | {first['lr']:g} | "
             f"{pm(seed_values(result, 'AP'))} | {seeds} | {pm(seed_values(result, 'AP50'))} | "
-            f"{pm(seed_values(result, 'AP75'))} | {versus} |{mask} {pre} | {tune_min:.1f} |"
+            f"{pm(seed_values(result, 'AP75'))} | {versus(row, 'AP')} |{mask} {pre} | {tune_min:.1f} |"
         )
     scales = ("APs3", "APm3", "APl3", "APs", "APm", "APl")
     lines += [
@@ -507,7 +508,7 @@ def main() -> None:
         help="RoI-to-level mapping: torchvision's (224 px on P4) or the pretraining's (view size on P5)",
     )  # fmt: skip
     parser.add_argument(
-        "--arch", choices=ARCHITECTURES, default="fasterrcnn_v2",
+        "--arch", choices=ARCHITECTURES, default=DEFAULT_ARCH,
         help="the detector every row fine-tunes (mcl-finetune's model.arch; default: Faster R-CNN R18-FPN v2)",
     )  # fmt: skip
     parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs instead of the settings'")
