@@ -497,18 +497,28 @@ def report(results: dict[str, Any], console: Console) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def add_device_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--device cpu|cuda``, CUDA by default where there is one; :func:`check_device` after parsing."""
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device, help=help)
+
+
+def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with a parser error when ``--device cuda`` was asked for on a machine without CUDA."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny timing batches, one step: a smoke test")
     parser.add_argument("--output", type=Path, help="JSON file (default: benchmarks/results/cost.json)")
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device, help="timing device")
+    add_device_option(parser, "timing device")
     parser.add_argument("--repeats", type=int, help="timed steps per level count, after the warm-up")
     parser.add_argument("--amp", action="store_true", help="time the steps under bf16 autocast")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    check_device(parser, args)
     for name in ("repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

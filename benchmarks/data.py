@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import Setting, StepRunner, clock  # noqa: E402
+from cost import Setting, StepRunner, add_device_option, check_device, clock  # noqa: E402
 
 from mcl.data.datamodules import MultiLevelDataModule, Transformed  # noqa: E402
 from mcl.data.device import ShrinkToFit, collate_sources  # noqa: E402
@@ -254,14 +254,12 @@ def report(results: dict[str, Any], command: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one step each: a smoke test")
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device, help="device for views/steps")
+    add_device_option(parser, "device for views/steps")
     parser.add_argument("--workers", type=int, help="DataLoader workers end to end (default: CPU cores - 2, >= 1)")
     parser.add_argument("--e2e", action="store_true", help="also run end to end on a CPU (always on CUDA)")
     parser.add_argument("--output", type=Path, help="JSON file (default: benchmarks/results/data.json)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    check_device(parser, args)
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 or more")
     if args.workers is None:

@@ -21,7 +21,7 @@ import torch
 from mcl.detection.models import build_detector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import clock  # noqa: E402
+from cost import add_device_option, check_device, clock  # noqa: E402
 
 # name -> build_detector options beyond the shared ones (R18, 96 px, 10 classes, the benchmark's proposals).
 VARIANTS = {
@@ -88,13 +88,14 @@ def time_variant(options: dict, args: argparse.Namespace, device: torch.device) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_option(parser, "timing device")
     parser.add_argument("--canvas", type=int, default=96, help="canvas side in pixels (the transfer benchmark's 96)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per step (the transfer benchmark's 4)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per detector (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "detector_step.md")
     args = parser.parse_args()
+    check_device(parser, args)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     rows = {name: time_variant(options, args, device) for name, options in VARIANTS.items()}

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import StepRunner, clock  # noqa: E402
+from cost import StepRunner, add_device_option, check_device, clock  # noqa: E402
 
 from mcl.loss import MultiLevelInfoNCE  # noqa: E402
 from mcl.methods import MCL  # noqa: E402
@@ -93,8 +93,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, dict[st
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device, help="timing device")
+    add_device_option(parser, "timing device")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--backbone", default="resnet18", help="timm backbone name (default: resnet18)")
     parser.add_argument("--image-size", type=int, default=64, help="view size (default: 64)")
@@ -112,8 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    check_device(parser, args)
     for name in ("threads", "batch", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
