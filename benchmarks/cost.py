@@ -34,6 +34,7 @@ from mcl.loss import MultiLevelInfoNCE
 from mcl.methods import MCL
 from mcl.methods.mcl import BN_GROUPS
 from mcl.momentum import ema_update
+from mcl.runtime import cudnn_benchmark
 
 LEVELS = (1, 2, 3, 4)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -504,9 +505,12 @@ def add_device_option(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Stop with a parser error when ``--device cuda`` was asked for on a machine without CUDA."""
+    """Stop with a parser error when ``--device cuda`` was asked for on a machine without CUDA; on CUDA, set cuDNN's
+    autotuning as GPU training does (:func:`mcl.runtime.cudnn_benchmark`), so the figures are training's."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -533,8 +537,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     start = time.perf_counter()
     results: dict[str, Any] = {"environment": environment(device, args)}

@@ -274,8 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/data.py", *(argv if argv is not None else sys.argv[1:])])
     console = Console() if sys.stdout.isatty() else Console(width=140)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     sizes = plan(device, args.quick)
     amp = device.type == "cuda"
     threads = torch.get_num_threads()

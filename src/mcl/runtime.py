@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mcl.checkpoints import AtomicCheckpointIO
+from mcl.cluster import check_world_size
 from mcl.runs import write_json
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,17 @@ def instantiate_callbacks(cfg: DictConfig, has_logger: bool) -> list[pl.Callback
     return callbacks
 
 
+def cudnn_benchmark() -> bool:
+    """``torch.backends.cudnn.benchmark`` as GPU training sets it (``conf/trainer/gpu.yaml``'s ``benchmark``): the
+    benchmarks use this value so that their GPU figures are those of training."""
+    return bool(OmegaConf.load(Path(CONFIG_DIR) / "trainer" / "gpu.yaml").get("benchmark", False))
+
+
 def instantiate_trainer(cfg: DictConfig, wandb_id: str | None = None, **overrides: Any) -> pl.Trainer:
     """The ``cfg.trainer`` Trainer with ``cfg.logger`` loggers (given the resolved config) and ``cfg.callbacks``;
-    checkpoints are written atomically and read with ``weights_only=True`` (:mod:`mcl.checkpoints`)."""
+    checkpoints are written atomically and read with ``weights_only=True`` (:mod:`mcl.checkpoints`). A world size
+    that cannot be reached stops here (:func:`mcl.cluster.check_world_size`)."""
+    check_world_size(cfg)
     loggers = instantiate_loggers(cfg, wandb_id)
     callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers))
     for logger in loggers:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mcl.checkpoints import LAST, load_checkpoint, newest_loadable
+from mcl.cluster import check_world_size
 from mcl.pyramid import neck_with_defaults
 from mcl.runs import STATE_FILE, RunLock, read_json, replaced_atomically, write_json
 from mcl.runtime import (
@@ -164,6 +165,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     asks for more epochs (it then continues from ``last.ckpt``); a resumed run keeps the earlier run's metrics that
     it does not measure again (``init/knn_top1``) and continues its W&B run.
     """
+    check_world_size(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
