@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from mcl.checkpoints import AtomicCheckpointIO
 from mcl.cluster import check_world_size
 from mcl.runs import write_json
+from mcl.syncbn import SyncBatchNormPlugin
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +165,22 @@ def cudnn_benchmark() -> bool:
 def instantiate_trainer(cfg: DictConfig, wandb_id: str | None = None, **overrides: Any) -> pl.Trainer:
     """The ``cfg.trainer`` Trainer with ``cfg.logger`` loggers (given the resolved config) and ``cfg.callbacks``;
     checkpoints are written atomically and read with ``weights_only=True`` (:mod:`mcl.checkpoints`). A world size
-    that cannot be reached stops here (:func:`mcl.cluster.check_world_size`)."""
+    that cannot be reached stops here (:func:`mcl.cluster.check_world_size`).
+
+    ``sync_batchnorm: true`` synchronises BatchNorm with :class:`~mcl.syncbn.SyncBatchNormPlugin` rather than torch's
+    ``nn.SyncBatchNorm`` (GPUs only, a host sync per call): the Trainer gets the plugin and ``sync_batchnorm=False``
+    (Lightning would apply torch's for ``True``, and refuses ``True`` beside another plugin); its DDP strategy applies
+    the plugin when fitting, on CPUs (gloo) and GPUs (NCCL) alike."""
     check_world_size(cfg)
     loggers = instantiate_loggers(cfg, wandb_id)
     callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    plugins = [AtomicCheckpointIO()]
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if overrides.pop("sync_batchnorm", cfg.trainer.get("sync_batchnorm", False)):
+        plugins.append(SyncBatchNormPlugin())
     return hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins, **overrides
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins, sync_batchnorm=False, **overrides
     )
 
 
