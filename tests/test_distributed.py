@@ -1,15 +1,20 @@
 """The helpers over ``torch.distributed`` in one process, and two processes on the CPU (gloo): gathered tensors,
-global targets and labels, the gathered kNN monitor, and a Lightning DDP run through the CLI."""
+global targets and labels, the gathered kNN monitor, and Lightning DDP runs through the CLI (synchronised
+BatchNorm, eager and compiled)."""
 
 import os
 import socket
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mcl import distributed
 from mcl.knn import KNNAccuracy, knn_top1
@@ -126,8 +131,29 @@ def test_two_ranks_see_all_targets_with_global_labels():
     assert sum(results.values()) / WORLD == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.slow
-def test_ddp_training_through_the_cli(tmp_path):
+class SaveRankState(pl.Callback):
+    """At the end of training, each rank writes ``rank{r}.pt`` to ``folder``: its state dict, the classes of its
+    BatchNorm layers and dynamo's graph and graph-break counts."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch._dynamo.utils import counters
+
+        norms = Counter(type(module).__name__ for module in pl_module.modules() if isinstance(module, _BatchNorm))
+        saved = {
+            "state_dict": pl_module.state_dict(),
+            "norms": dict(norms),
+            "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+        }
+        torch.save(saved, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+def train_two_ranks(folder, *extra: str) -> list[dict]:
+    """``mcl.train`` (the CLI) with DDP on 2 CPU processes for 3 steps of a small MCL, BatchNorm synchronised; what
+    :class:`SaveRankState` saved on each rank."""
     command = [
         sys.executable,
         "-m",
@@ -136,7 +162,7 @@ def test_ddp_training_through_the_cli(tmp_path):
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "trainer.sync_batchnorm=false",
+        "trainer.sync_batchnorm=true",
         "trainer.precision=32-true",
         "+trainer.max_steps=3",
         "trainer.max_epochs=1",
@@ -145,11 +171,41 @@ def test_ddp_training_through_the_cli(tmp_path):
         "validate_at_init=false",
         "method.projector_hidden_dim=64",
         "neck.out_channels=32",
-        f"hydra.run.dir={tmp_path}",
-    ]  # fmt: skip  (SyncBatchNorm needs GPUs; on CPU the ranks keep their own BN statistics)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        f"+callbacks.rank_state._target_={__name__}.SaveRankState",
+        f"+callbacks.rank_state.folder={folder}",
+        f"hydra.run.dir={folder}",
+        *extra,
+    ]  # fmt: skip
+    root = str(Path(__file__).resolve().parents[1])  # so that the ranks import this module for the callback
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stderr + result.stdout
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3
+    ranks = [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
+    for saved in ranks:
+        assert saved["state_dict"].keys() == checkpoint["state_dict"].keys()
+        for key, value in checkpoint["state_dict"].items():  # every rank ends with the same weights and statistics
+            assert torch.equal(saved["state_dict"][key], value), key
+    return ranks
+
+
+@pytest.mark.slow
+def test_ddp_training_through_the_cli(tmp_path):
+    """trainer.sync_batchnorm=true converts every BatchNorm to mcl.syncbn's, which runs on the CPU (gloo). The ranks
+    end with the same running statistics too: DDP broadcasts rank 0's buffers before each forward, but each rank then
+    updates its own, from its own batch unless BatchNorm is synchronised (with sync_batchnorm=false they differ)."""
+    for saved in train_two_ranks(tmp_path):
+        assert list(saved["norms"]) == ["SyncBatchNorm"]
+
+
+@pytest.mark.slow
+def test_compiled_ddp_training_through_the_cli(tmp_path):
+    """method.compile=true under DDP with synchronised BatchNorm: the compiled networks (backbones, heads,
+    projectors, predictors) trace without a graph break, and the ranks end with the same state. The backend is
+    aot_eager: dynamo traces and AOT autograd builds the backward graphs as with inductor, and the graph breaks are
+    the same, but no C++ code is generated (minutes on 2 cores)."""
+    for saved in train_two_ranks(tmp_path, "method.compile=true", "method.compile_backend=aot_eager"):
+        assert saved["graph_breaks"] == 0 and saved["graphs"] >= 9  # 9 compiled modules, one graph each at least
