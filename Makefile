@@ -9,7 +9,7 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS      ?=
 DATA_ARGS ?=
 
-.PHONY: help venv data train test test-fast lint format bench bench-data faults transfer notebooks clean
+.PHONY: help venv data train test test-fast lint format bench bench-data gpu-check faults transfer notebooks clean
 
 help:
 	@echo "make train   pretrain resnet18 with MCL (3 levels) on Fashion-MNIST, CPU-sized; ARGS='key=value ...'"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint    ruff check"
 	@echo "make bench   FLOPs and step-time ratios of levels 1..4 -> benchmarks/results/cost.json, then make bench-data"
 	@echo "make bench-data images/s of the CPU and device view pipelines and of the model step -> benchmarks/results/data.md"
+	@echo "make gpu-check GPU acceptance check, every figure in one run (<= 8 min on one card) -> benchmarks/results/gpu_check.md; ARGS=--quick on the CPU"
 	@echo "make faults  kill, rerun and concurrent-run cases against mcl-train -> benchmarks/results/faults.md"
 	@echo "make transfer transfer benchmark: 4 rows x Faster R-CNN fine-tuning, lr grid + 3 seeds each (< 90 min); ARGS=--full"
 	@echo "make notebooks install JupyterLab into the venv (the [notebooks] extra) and open notebooks/"
@@ -59,6 +60,9 @@ bench: venv
 
 bench-data: venv
 	$(PY) benchmarks/data.py $(DATA_ARGS)
+
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 faults: venv
 	$(PY) benchmarks/faults.py $(ARGS)
