@@ -109,7 +109,7 @@ def test_resized_crops_match_torchvision_on_a_smooth_image():
     batch = collate_sources([(image, 0), (torch.zeros(3, 200, 200, dtype=torch.uint8), 1)])
     cases = [((10, 20, 42, 52), 32), ((0, 0, 30, 45), 64), ((5, 0, 90, 120), 32), ((0, 60, 90, 120), 24)]
     for (left, top, right, bottom), size in cases:
-        got = resized_crops(batch.images, torch.tensor([0]), torch.tensor([[left, top, right, bottom]]).float(), size)
+        got = resized_crops(batch.images, torch.tensor([[[left, top, right, bottom]]]).float(), size)[0]
         want = TF.resized_crop(image.float() / 255, top, left, bottom - top, right - left, [size, size], antialias=True)
         assert got.shape == (1, 3, size, size)
         tolerance = 1e-6 if right - left == size and bottom - top == size else 0.02
@@ -195,10 +195,10 @@ def test_device_augmentation_refuses_zoom_out():
 
 
 def test_each_rank_and_epoch_draws_its_own_views_and_leaves_the_global_streams_alone(monkeypatch):
-    import mcl.data.datamodules as datamodules
+    from mcl import distributed
 
     def views_of(rank: int) -> torch.Tensor:
-        monkeypatch.setattr(datamodules, "rank", lambda: rank)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
         dm = SyntheticDataModule(image_size=32, batch_size=8, views_per_side=2, augment_on="device", bank_size=None)
         dm.setup()
         batch = collate_sources([dm.train_set.dataset[i] for i in range(8)])

@@ -18,6 +18,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mcl.checkpoints import LAST, load_checkpoint, newest_loadable
 from mcl.cluster import check_world_size
+from mcl.methods.base import PROGRESS_BAR_LOSS
 from mcl.pyramid import neck_with_defaults
 from mcl.runs import STATE_FILE, RunLock, read_json, replaced_atomically, write_json
 from mcl.runtime import (
@@ -230,7 +231,8 @@ def run_in_folder(
                 for results in initial:
                     metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(results).items()})
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-            metrics.update(scalar_metrics(trainer.callback_metrics))
+            final = scalar_metrics(trainer.callback_metrics)
+            metrics.update({key: value for key, value in final.items() if key != PROGRESS_BAR_LOSS})
             if hasattr(datamodule, "data_report"):
                 metrics.update(datamodule.data_report())
     except BaseException:

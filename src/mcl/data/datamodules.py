@@ -14,8 +14,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from mcl import distributed
 from mcl.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,7 +37,6 @@ from mcl.data.sources import (
     load_fashion_mnist,
     synthetic_images,
 )
-from mcl.distributed import rank
 
 log = logging.getLogger(__name__)
 VIEW_MODES = ("byol", "supervised")
@@ -48,31 +48,37 @@ BLUR_P = (1.0, 0.1)
 SOLARIZE_P = (0.0, 0.2)
 
 
-class EpochShuffle(Sampler[int]):
-    """A random order that is a function of ``(seed, epoch)`` alone: Lightning calls :meth:`set_epoch` before each
-    epoch, so a run resumed at an epoch boundary sees the same order as an uninterrupted one.
+class EpochShuffle(DistributedSampler):
+    """A random order that is a function of ``(seed, epoch)`` alone, split between the ranks: Lightning calls
+    :meth:`set_epoch` before each epoch, so a run resumed at an epoch boundary sees the same order as an
+    uninterrupted one. Every rank draws the same order of the whole dataset and takes every ``num_replicas``-th item
+    from its ``rank`` on (the tail that does not divide evenly is left out of the epoch). Being a
+    ``DistributedSampler``, Lightning uses it as it is instead of wrapping it in one of its own (whose epoch would not
+    reach this order).
 
-    Starting an epoch also seeds torch's global RNG from ``(seed, epoch)``: augmentations that run in the main
-    process (``num_workers=0``) then repeat exactly after a resume. Worker processes are seeded by the DataLoader,
-    so with ``num_workers > 0`` the order repeats and the augmentations are drawn anew.
+    Starting an epoch also seeds torch's global generators (CPU and CUDA) from ``(seed, epoch, rank)``: augmentations
+    that run in the main process (``num_workers=0``) then repeat exactly after a resume, and what the model draws from
+    them (DropPath in Swin, dropout) differs between ranks. Worker processes are seeded by the DataLoader, so with
+    ``num_workers > 0`` the order repeats and the augmentations are drawn anew.
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int | None = None, rank: int | None = None):
+        num_replicas = distributed.world_size() if num_replicas is None else num_replicas
+        rank = distributed.rank() if rank is None else rank
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.size = len(dataset)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
 
     def __iter__(self) -> Iterator[int]:
         seed = self.seed * 1_000_003 + self.epoch
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed)).tolist()
-        torch.manual_seed(seed + 1)
-        return iter(order)
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(global_seed(seed, self.rank))
+        return iter(order[self.rank : self.num_samples * self.num_replicas : self.num_replicas].tolist())
+
+
+def global_seed(epoch_seed: int, rank: int) -> int:
+    """The seed of torch's global generators for an epoch on a rank: rank 0 keeps the single-process seed, the other
+    ranks theirs. Modulo 2**32: the CPU generator keeps only the lower 32 bits of a seed."""
+    return (epoch_seed + 1 + rank * 2_654_435_761) % 2**32
 
 
 class Transformed(Dataset):
@@ -226,6 +232,15 @@ class MultiLevelDataModule(pl.LightningDataModule):
             **self.augment,
         )
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Let the model check the batch while it is on the host (its ``check_host_batch``, if it has one: e.g. the
+        supervised method's label range), where a check waits for nothing."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        check = getattr(model, "check_host_batch", None)
+        if check is not None:
+            check(batch)
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``augment_on=device``, turn a training :class:`~mcl.data.device.SourceBatch` (now on the device)
         into ``(views, labels)``, the batch the methods train on; other batches pass unchanged.
@@ -238,7 +253,7 @@ class MultiLevelDataModule(pl.LightningDataModule):
         if self.device_views is None:
             self.device_views = self.make_device_views()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        seed = (self.seed * 1_000_003 + epoch) * 1009 + rank()
+        seed = (self.seed * 1_000_003 + epoch) * 1009 + distributed.rank()
         with self.view_randomness.use(batch.images.device, seed):
             views = self.device_views(batch)
         return views, batch.labels

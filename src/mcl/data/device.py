@@ -10,10 +10,14 @@ after the transfer, :class:`DeviceViews` makes every view on the device in a han
   fallback), per view, relative to each image's own size; :func:`resized_crops` cuts and resizes them all at once
   with ``torchvision.ops.roi_align`` (bilinear; when a crop shrinks, each output pixel averages
   ``ceil(crop / output)`` squared samples, an area filter where torchvision's antialiased resize uses a triangle);
-- **flip, colour jitter, grayscale, Gaussian blur, solarize**: ``kornia.augmentation`` modules, whose parameters are
-  drawn per sample with torchvision's formulas (brightness, contrast, saturation and hue factors; blur sigma per
-  view; solarize at 128/255). kornia draws the order of the jitter steps once per call; :class:`ColorJitterPerView`
-  draws it per view, as torchvision does per image, by running one fixed-order kornia jitter per order.
+- **flip, grayscale, Gaussian blur, solarize**: ``kornia.augmentation`` modules, whose parameters are drawn per
+  sample with torchvision's formulas (blur sigma per view; solarize at 128/255);
+- **colour jitter**: :class:`ColorJitterPerView`, kornia's jitter functions with factors and an order of the steps
+  drawn per view, as torchvision draws them per image (kornia's ``ColorJitter`` draws one order per call).
+
+No step needs a value from the device on the host (no host sync): crops are grouped by a slice of the batch, the
+jitter order is selected with ``torch.where``. kornia draws its own modules' parameters on the CPU and checks them
+there.
 
 Everything runs in float32 on values in ``[0, 1]`` (the CPU pipeline rounds to uint8 after each step) and works on
 the CPU as well, which is how the tests compare its distributions with the CPU pipeline's.
@@ -21,13 +25,13 @@ the CPU as well, which is how the tests compare its distributions with the CPU p
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import kornia.augmentation as K
+import kornia.enhance as KE
 import torch
 from torch import nn
 from torchvision.ops import roi_align
@@ -132,48 +136,74 @@ def sample_crops(
     return torch.cat([left, top, left + crop_w, top + crop_h], 1).float()
 
 
-def resized_crops(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut ``boxes`` (pixel boxes ``(left, top, right, bottom)``, ``(N, 4)``) out of ``images[image_index]`` and
-    resize each to ``size x size``: float ``(N, C, size, size)`` in ``[0, 1]`` from uint8 ``(B, C, H, W)`` images.
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut ``boxes`` (pixel boxes ``(left, top, right, bottom)``, ``(V, B, 4)``: ``V`` crops of each of the ``B``
+    images) out of uint8 ``images`` ``(B, C, H, W)`` and resize each to ``size x size``: float
+    ``(V, B, C, size, size)`` in ``[0, 1]``.
 
     Bilinear sampling at each output pixel's centre (``roi_align`` with ``aligned=True``); a crop larger than the
     output averages ``ceil(crop / size)`` samples per pixel and axis, so shrinking is antialiased too. The float copy
-    of the sources is made in chunks of images (:data:`CHUNK_VALUES`), so memory stays bounded for any batch.
+    of the sources is made in chunks of images (:data:`CHUNK_VALUES`), so memory stays bounded for any batch; which
+    crops belong to a chunk follows from the layout (a slice of ``B``), so no step waits for the device.
     """
+    views, count = boxes.shape[:2]
     per_chunk = max(1, CHUNK_VALUES // max(1, images[0].numel()))
-    out = torch.empty(len(boxes), images.shape[1], size, size, device=images.device, dtype=torch.float32)
-    for start in range(0, len(images), per_chunk):
-        chunk = images[start : start + per_chunk].float().div_(255)
-        rows = ((image_index >= start) & (image_index < start + per_chunk)).nonzero().flatten()
-        if len(rows) == 0:
-            continue
-        rois = torch.cat([(image_index[rows] - start).unsqueeze(1).float(), boxes[rows]], 1)
-        out[rows] = roi_align(chunk, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    out = torch.empty(views, count, images.shape[1], size, size, device=images.device, dtype=torch.float32)
+    for start in range(0, count, per_chunk):
+        stop = min(count, start + per_chunk)
+        chunk = images[start:stop].float().div_(255)
+        index = torch.arange(stop - start, device=images.device, dtype=torch.float32).repeat(views).unsqueeze(1)
+        rois = torch.cat([index, boxes[:, start:stop].reshape(-1, 4)], 1)
+        crops = roi_align(chunk, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        out[:, start:stop] = crops.view(views, stop - start, *crops.shape[1:])
     return out.clamp_(0, 1)
 
 
-class ColorJitterPerView(nn.Module):
-    """torchvision's ``RandomApply([ColorJitter(*jitter)], p)`` per view of a float ``(N, 3, H, W)`` batch: each view
-    draws its own order of the active steps (brightness, contrast, saturation, hue) and its own factors.
+def hue_turns(image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's hue factor (a fraction of a turn, in ``[-0.5, 0.5]``) on kornia's ``adjust_hue`` (radians)."""
+    return KE.adjust_hue(image, factor * (2 * math.pi))
 
-    kornia's ``ColorJitter`` applies one random order to a whole call; here every view draws one of the orders
-    uniformly and each order runs as a fixed-order kornia ``ColorJitter`` on its views (``k!`` calls for ``k``
-    active steps: 24 for RGB jitter, 2 for brightness and contrast alone)."""
+
+# torchvision's ColorJitter steps in its order (brightness, contrast, saturation, hue), as kornia functions that take
+# one factor per image and blend as torchvision does.
+JITTER_STEPS = (
+    KE.adjust_brightness_accumulative,
+    KE.adjust_contrast_with_mean_subtraction,
+    KE.adjust_saturation_with_gray_subtraction,
+    hue_turns,
+)
+
+
+class ColorJitterPerView(nn.Module):
+    """torchvision's ``RandomApply([ColorJitter(*jitter)], p)`` per view of a float ``(N, 3, H, W)`` batch in
+    ``[0, 1]``: each view is jittered with probability ``p``, with its own factors (brightness, contrast and
+    saturation uniform in ``[max(0, 1 - s), 1 + s]``, hue uniform in ``[-h, h]``) and its own order of the active
+    steps (a uniform random permutation, as torchvision draws one per image).
+
+    Without waiting for the device: at each position of the order, every active step runs on every view and
+    ``torch.where`` keeps it for the views whose order puts that step there (``k**2`` step calls for ``k`` active
+    steps, a fixed number of kernels whatever the draws). kornia's ``ColorJitter`` draws one order per call, and
+    splitting the views by order would need their counts on the host."""
 
     def __init__(self, jitter: Sequence[float], p: float):
         super().__init__()
-        active = [step for step, strength in enumerate(jitter) if strength]
-        self.orders = nn.ModuleList(
-            K.ColorJitter(*jitter, p=p, order=order) for order in itertools.permutations(active)
-        )
+        self.steps = [step for step, strength in enumerate(jitter) if strength]
+        self.ranges = [
+            (-jitter[step], jitter[step]) if step == 3 else (max(0.0, 1 - jitter[step]), 1 + jitter[step])
+            for step in self.steps
+        ]
+        self.p = p
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        which = torch.randint(len(self.orders), (len(views),), device=views.device)
-        out = views.clone()
-        for index, jitter in enumerate(self.orders):
-            rows = (which == index).nonzero().flatten()
-            if len(rows):
-                out[rows] = jitter(views[rows])
+        count, device = len(views), views.device
+        applied = torch.rand(count, device=device) < self.p
+        factors = [torch.empty(count, device=device).uniform_(low, high) for low, high in self.ranges]
+        order = torch.rand(count, len(self.steps), device=device).argsort(1)  # order[:, k]: the step at position k
+        out = views
+        for position in range(len(self.steps)):
+            for index, step in enumerate(self.steps):
+                chosen = (applied & (order[:, position] == index)).view(-1, 1, 1, 1)
+                out = torch.where(chosen, JITTER_STEPS[step](out, factors[index]), out)
         return out
 
 
@@ -275,12 +305,15 @@ class DeviceViews(nn.Module):
             raise TypeError(f"DeviceViews takes uint8 images (decoded, not normalised), got {images.dtype}")
         count, sides, levels = len(images), len(self.sides), self.views_per_side
         # View order: side-major, then level, then image, so each side's views are one contiguous block.
-        image_index = torch.arange(count, device=images.device).repeat(sides * levels)
-        boxes = sample_crops(sizes[image_index], self.scale)
-        crops = resized_crops(images, image_index, boxes, self.image_size)
-        per_side = crops.view(sides, levels * count, *crops.shape[1:])
+        boxes = sample_crops(sizes.repeat(sides * levels, 1), self.scale)
+        crops = resized_crops(images, boxes.view(sides * levels, count, 4), self.image_size)
+        per_side = crops.view(sides, levels * count, *crops.shape[2:])
         views = torch.stack([augment(side_crops) for augment, side_crops in zip(self.sides, per_side, strict=True)])
-        views = (views - self.mean.to(views.device)) / self.std.to(views.device)
+        if self.mean.device != views.device:
+            # Only the buffers, once: moving the whole module would move kornia's samplers to the device too, and
+            # kornia checks its draws on the host.
+            self.mean, self.std = self.mean.to(views.device), self.std.to(views.device)
+        views = (views - self.mean) / self.std
         # (sides, levels, B, C, H, W) -> (B, sides, levels, C, H, W)
         views = views.view(sides, levels, count, *views.shape[2:]).permute(2, 0, 1, 3, 4, 5).contiguous()
         return views[:, 0] if self.squeeze_sides else views

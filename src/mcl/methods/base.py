@@ -3,6 +3,7 @@ head path, the optimiser and schedule, the kNN monitor and the checks on their c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from mcl.backbones import PYRAMID_STRIDES, Backbone
-from mcl.distributed import rank
+from mcl.distributed import gather_batch, rank, world_size
+from mcl.guards import FiniteGuard
 from mcl.heads import TileHead, split_tiles
 from mcl.initialization import check_weight_init, official_trunk_init
 from mcl.knn import KNNAccuracy
@@ -33,8 +35,21 @@ BANK_LOADER, VAL_LOADER = 0, 1
 DEFAULT_LEVELS = 3
 # Method arguments of the schedule before it became the `scheduler` config (a partial WarmupCosineLR).
 LEGACY_SCHEDULE_KEYS = ("warmup_epochs", "min_lr", "schedule_shape", "warmup_ratio")
+# The progress bar's copy of train/loss, logged every log_every_n_steps steps (metrics.json leaves it out).
+PROGRESS_BAR_LOSS = "loss"
+# Checkpoint key of the montage generators' states, one row per rank.
+GENERATOR_STATES = "montage_generator_states"
 # torch.compile's inductor modes (``compile_mode``); "default" passes no mode.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def montage_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of a rank's montage stream: a run's ``seed`` and the process's ``rank`` at the start, and the
+    ``step`` when a resume has to derive it anew (:meth:`MultiLevelModule.restore_generator`). Below 2**32: the CPU
+    generator keeps only the lower 32 bits of a seed."""
+    if step == 0:
+        return seed * 1_000_003 + rank
+    return int.from_bytes(hashlib.blake2b(f"{seed},{rank},{step}".encode(), digest_size=4).digest(), "little")
 
 
 def check_image_size(image_size: int) -> int:
@@ -138,6 +153,7 @@ class MultiLevelModule(pl.LightningModule):
         knn_k: int = 200,
         knn_temperature: float = 0.1,
         max_weight_norm_ratio: float | None = 1.0e4,
+        finite_check_every: int = 50,
         seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
@@ -154,6 +170,7 @@ class MultiLevelModule(pl.LightningModule):
         if max_weight_norm_ratio is not None and max_weight_norm_ratio <= 1:
             raise ValueError(f"max_weight_norm_ratio={max_weight_norm_ratio} is invalid: use a number > 1 or null")
         self.max_weight_norm_ratio = max_weight_norm_ratio
+        self.finite_guard = FiniteGuard(finite_check_every)
         self._initial_weight_norm: float | None = None
         self.downscale_mode = downscale_mode
         self.optimizer_factory = optimizer
@@ -228,10 +245,10 @@ class MultiLevelModule(pl.LightningModule):
     # ----------------------------------------------------------------- montages
     @property
     def generator(self) -> torch.Generator:
-        """Montage randomness, on the model's device; see :meth:`seed_montages`."""
+        """Montage randomness, on the model's device, one stream per rank; see :meth:`seed_montages`."""
         device = torch.device("cpu") if self.device.type == "meta" else self.device  # meta: FLOP counting
         if self._generator is None or self._generator.device != device:
-            seed = self.seed * 1_000_003 + rank() if self._montage_seed is None else self._montage_seed
+            seed = montage_seed(self.seed, rank()) if self._montage_seed is None else self._montage_seed
             self._generator = torch.Generator(device=device).manual_seed(seed)
         return self._generator
 
@@ -371,14 +388,19 @@ class MultiLevelModule(pl.LightningModule):
                 "resumed with other optimiser settings than the checkpoint's; applying: %s", ", ".join(sorted(changes))
             )
 
-    def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        """Stop before the optimiser step on a non-finite loss, so the weights and the last checkpoint stay good."""
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step} (batch {batch_idx}); "
-                f"the step was not applied. {self.saved_state_note()} Lower optimizer.lr, raise "
-                "scheduler.warmup_epochs or use 32-bit precision (trainer.precision=32-true)."
-            )
+    def log_loss(self, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
+        """Log the step's loss and its parts, and hand the loss to the :class:`~mcl.guards.FiniteGuard`.
+
+        Lightning turns every progress-bar value into a Python number at every step, which waits for the device; so
+        the bar shows ``loss``, a host copy of the loss taken every ``trainer.log_every_n_steps`` steps (one sync
+        then), and ``train/*`` go to the loggers only (Lightning reads them when it writes its logs, every
+        ``log_every_n_steps`` steps)."""
+        self.finite_guard.see_loss(loss)
+        self.log("train/loss", loss)
+        self.log_dict({f"train/{name}": value for name, value in logs.items()})
+        every = self._trainer.log_every_n_steps if self._trainer is not None else 1
+        if self.global_step % max(1, every) == 0:
+            self.log(PROGRESS_BAR_LOSS, loss.detach().to("cpu", copy=True), prog_bar=True, logger=False)
 
     # ------------------------------------------------------------- divergence
     def saved_state_note(self) -> str:
@@ -415,40 +437,80 @@ class MultiLevelModule(pl.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stop on non-finite gradients before they reach the weights (not under fp16 loss scaling, which skips
-        such steps itself)."""
+        """Keep non-finite gradients out of the weights, without a host sync (:class:`~mcl.guards.FiniteGuard`); not
+        under fp16 loss scaling, which skips such steps itself."""
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
-            raise FloatingPointError(
-                f"non-finite gradients at global step {self.global_step}; the step was not applied. "
-                f"{self.saved_state_note()} Lower optimizer.lr or use 32-bit precision (trainer.precision=32-true)."
-            )
+        self.finite_guard.mask_gradients((p.grad for p in self.parameters() if p.grad is not None), self.global_step)
+
+    def check_finite(self) -> None:
+        """Stop if a step since the start was non-finite (its gradient was discarded); one host sync."""
+        found = self.finite_guard.first_bad_step()
+        if found is None:
+            return
+        step, what = found
+        raise FloatingPointError(
+            f"non-finite {what} at global step {step}: that step's gradient was discarded on the device (the weights "
+            f"stayed finite) and the run stopped at step {self.global_step}, when the guard was read "
+            f"(method.finite_check_every={self.finite_guard.check_every}). {self.saved_state_note()} Lower "
+            "optimizer.lr, raise scheduler.warmup_epochs or use 32-bit precision (trainer.precision=32-true)."
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.finite_guard.due(self.global_step):
+            self.check_finite()
 
     def on_train_epoch_end(self) -> None:
+        self.check_finite()
         self.check_weights()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     # ----------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Never save diverged weights; keep the montage generator and the initial weight norm."""
+        """Never save weights after a non-finite step or diverged ones; keep every rank's montage generator state
+        (gathered from all ranks: every rank runs this hook, rank 0 writes the file) and the initial weight norm."""
+        self.check_finite()
         self.check_weights()
-        if self._generator is not None:
-            checkpoint["montage_generator_state"] = self._generator.get_state()
+        state = self.generator.get_state()
+        gathered = gather_batch(state.to(self.device).unsqueeze(0)) if world_size() > 1 else state.unsqueeze(0)
+        checkpoint[GENERATOR_STATES] = gathered.cpu()
         checkpoint["initial_weight_norm"] = self._initial_weight_norm
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_generator_state = checkpoint.get("montage_generator_state")
+        self._pending_generator_states = (checkpoint.get(GENERATOR_STATES), int(checkpoint.get("global_step", 0)))
         self._initial_weight_norm = checkpoint.get("initial_weight_norm", self._initial_weight_norm)
 
     def on_fit_start(self) -> None:
         if self._initial_weight_norm is None:
             self._initial_weight_norm = self.weight_norm()
-        state = getattr(self, "_pending_generator_state", None)
-        if state is None:
+        pending = getattr(self, "_pending_generator_states", None)
+        if pending is not None:
+            self._pending_generator_states = None
+            self.restore_generator(*pending)
+
+    def restore_generator(self, states: torch.Tensor | None, step: int) -> None:
+        """Continue this rank's montage stream from a checkpoint's ``states`` (one row per rank that saved it). Saved
+        by another number of ranks (or on another device type, or not at all), each rank's stream is derived anew from
+        ``(seed, rank, step)`` instead, with a warning: independent across ranks, but not the draws an uninterrupted
+        run would have made."""
+        here, ranks = rank(), world_size()
+        generator = self.generator
+        if states is not None and len(states) == ranks and states[here].numel() == generator.get_state().numel():
+            generator.set_state(states[here].clone())
             return
-        if state.numel() != self.generator.get_state().numel():
-            # Saved on another device type (CPU and CUDA generators keep different states): reseed instead.
-            log.warning("montage generator state from another device type; montages are reseeded on resume")
-            return
-        self.generator.set_state(state)
+        why = (
+            "the checkpoint has none"
+            if states is None
+            else f"it holds {len(states)} rank(s)' states for {ranks} rank(s) now"
+            if len(states) != ranks
+            else "they were saved on another device type"
+        )
+        log.warning(
+            "montage generators restarted from (seed, rank, step=%d) on resume: %s; the ranks' cell layouts stay "
+            "independent but differ from those of an uninterrupted run",
+            step,
+            why,
+        )
+        generator.manual_seed(montage_seed(self.seed, here, step))

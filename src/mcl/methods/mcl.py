@@ -248,9 +248,7 @@ class MCL(MultiLevelModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, _ = batch
         loss, logs = self.forward_losses(views)
-        self.check_finite(loss, batch_idx)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{name}": value for name, value in logs.items()})
+        self.log_loss(loss, logs)
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -262,4 +260,5 @@ class MCL(MultiLevelModule):
             self.final_momentum,
         )
         ema_update(self.momentum_pairs, momentum)
-        self.log("train/momentum", momentum)
+        # A CPU tensor: a Python float would be copied to the device at every step, which waits for it.
+        self.log("train/momentum", torch.tensor(momentum, dtype=torch.float32))

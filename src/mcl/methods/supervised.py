@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mcl.data.device import SourceBatch
 from mcl.loss import MultiLevelCrossEntropy
 from mcl.methods.base import VAL_LOADER, MultiLevelModule, level_cells
 from mcl.montage import assemble_levels
@@ -70,6 +71,11 @@ class SupervisedMultiLevel(MultiLevelModule):
         else:
             self.classifier = nn.Linear(self.neck.out_channels, num_classes)
 
+    def check_host_batch(self, batch: Any) -> None:
+        """Check the labels of every batch while it is still on the host (the datamodule calls this before the
+        transfer): the same check on the device would make the host wait for it at every step."""
+        self.check_labels(batch.labels if isinstance(batch, SourceBatch) else batch[1])
+
     def check_labels(self, labels: torch.Tensor) -> None:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= self.num_classes:
@@ -96,16 +102,15 @@ class SupervisedMultiLevel(MultiLevelModule):
     def forward_losses(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, levels, C, H, W)`` and ``labels`` ``(B,)``."""
         self.check_views(views, level_axis=1)
-        self.check_labels(labels)
+        if self._trainer is None:  # in training, the datamodule had the labels checked on the host (check_host_batch)
+            self.check_labels(labels)
         logits, cell_labels = zip(*self.level_logits(self.build_montages(views), labels), strict=True)
         return self.loss(logits, cell_labels)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
         loss, logs = self.forward_losses(views, labels)
-        self.check_finite(loss, batch_idx)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{name}": value for name, value in logs.items()})
+        self.log_loss(loss, logs)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
@@ -116,7 +121,6 @@ class SupervisedMultiLevel(MultiLevelModule):
     def log_level_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """``val/acc`` on the plain images and ``val/acc_level{s}`` on level-s montages of the same images, drawn
         from the run's ``seed`` afresh for every batch (the same montages at every validation)."""
-        self.check_labels(labels)
         generator = torch.Generator(device=images.device).manual_seed(self.seed)
         montages = assemble_levels(images, self.levels, self.montage_rule, self.downscale_mode, generator)
         montages[0] = (images, torch.arange(len(images), device=images.device).view(-1, 1, 1))
