@@ -16,7 +16,7 @@ def test_quick_transfer_benchmark_writes_the_table_and_resumes_from_its_cache(tm
     command = [sys.executable, str(SCRIPT), "--quick", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     summary = json.loads((tmp_path / "transfer_quick.json").read_text())
-    assert list(summary["rows"]) == ["random init", "supervised", "MCL, 3 levels"]
+    assert list(summary["rows"]) == ["random init", "MCL, 3 levels"]
     for row in summary["rows"].values():
         (pretraining,) = row["pretrainings"]
         assert pretraining["lr"] in (0.02, 0.05) and set(pretraining["heldout_ap_by_lr"]) == {"0.02", "0.05"}
@@ -25,7 +25,7 @@ def test_quick_transfer_benchmark_writes_the_table_and_resumes_from_its_cache(tm
         assert all(0 <= pretraining[f"objects_{place}_top1"] <= 100 for place in places)
         assert all(0 <= run["val/APm3"] <= 100 and len(run["ap_by_iou"]) == 10 for run in pretraining["runs"])
     table = (tmp_path / "transfer_quick.md").read_text()
-    assert "| supervised |" in table and " ± " in table and "vs random init" in table and "objects moved" in table
+    assert "| MCL, 3 levels |" in table and " ± " in table and "vs random init" in table and "objects moved" in table
     assert (tmp_path / "transfer_ap_by_iou_quick.png").stat().st_size > 10_000
     # A second run finds every result in its cache: no training, same numbers.
     rerun = subprocess.run(command, check=True, capture_output=True, text=True)
