@@ -1,6 +1,8 @@
 """Runs whose world size cannot be reached stop before anything is built: several nodes without a launcher, or a
 launcher that started another number of processes."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,15 @@ def test_a_launcher_that_started_another_count_is_refused(no_launcher):
     cfg = compose_train(["experiment=mcl_paper_r50_b4096_e100_imagenet", "data.train_dir=/x", "data.val_dir=/y"])
     with pytest.raises(ValueError, match=r"asks for 32 processes, but SLURM \(srun\) started 8"):
         check_world_size(cfg, {"SLURM_NTASKS": "8", "SLURM_PROCID": "0"})
+
+
+def test_the_console_script_refuses_before_torch_loads(tmp_path, no_launcher):
+    """``mcl-train`` composes and checks the world size in mcl.launch, which imports neither torch nor Lightning, so
+    the refusal costs a config composition, not the library's imports."""
+    probe = "import sys, mcl.launch; print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
+    script = Path(sys.executable).parent / "mcl-train"
+    overrides = ["experiment=mcl_official_r50_b4096_e100_imagenet", "data.train_dir=/x", "data.val_dir=/y"]
+    result = subprocess.run([script, *overrides, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True)
+    assert result.returncode == 1 and "add trainer.num_nodes=1" in result.stderr
+    assert [path.name for path in tmp_path.iterdir()] == ["train.log"]  # Hydra's job log, nothing of the run

@@ -1,11 +1,10 @@
 """What every entry point (``mcl-train``, ``mcl-linear``, ``mcl-finetune``, ``mcl-collect``) needs around its
-Trainer: where the configs are, W&B's mode, loggers, callbacks and the Trainer from a composed config, the
-``metrics.json`` file, the job folder names of a multirun, and the ``mcl_if_set`` resolver of the configs.
+Trainer: W&B's mode, loggers, callbacks and the Trainer from a composed config, the ``metrics.json`` file; where the
+configs are and their resolvers come from :mod:`mcl.configs` (re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import netrc
 import os
@@ -22,51 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcl.checkpoints import AtomicCheckpointIO
 from mcl.cluster import check_world_size
+from mcl.configs import CONFIG_DIR, DIRNAME_LIMIT, find_config_dir, if_set, short_dirname  # noqa: F401
 from mcl.runs import write_json
 from mcl.syncbn import SyncBatchNormPlugin
 
 log = logging.getLogger(__name__)
 
 
-def find_config_dir() -> str:
-    """The folder of the Hydra configs: ``conf/`` at the repository root, installed as the package ``mcl.conf`` (see
-    ``pyproject.toml``), wherever the package is installed or checked out."""
-    import mcl.conf
-
-    if mcl.conf.__file__ is None:  # a namespace package: a leftover folder, not the configs
-        raise ImportError(
-            f"mcl.conf resolves to {list(mcl.conf.__path__)}, a folder without the configs (left over from a checkout "
-            "where they lived in src/mcl/conf?): remove it, or reinstall the package (pip install -e .)"
-        )
-    return str(Path(mcl.conf.__file__).parent)
-
-
-CONFIG_DIR = find_config_dir()
-DIRNAME_LIMIT = 120
 METRICS_FILE = "metrics.json"
-
-
-def short_dirname(overrides: str, limit: int = DIRNAME_LIMIT) -> str:
-    """A job folder name from its overrides: ``/`` (paths in values) becomes ``_``, and names longer than ``limit``
-    are cut and end in a hash of the whole (file systems refuse names over 255 bytes; an Optuna trial's overrides
-    easily exceed that)."""
-    overrides = overrides.replace("/", "_")
-    if len(overrides) <= limit:
-        return overrides
-    digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
-    return f"{overrides[: limit - 9]}-{digest}"
-
-
-def if_set(value: Any, then: Any, otherwise: Any) -> Any:
-    """``then`` when ``value`` is set (neither null nor empty), else ``otherwise``: a config key that follows an
-    optional one, e.g. ``${mcl_if_set:${data.knn_val_dir},val/knn_top1,null}`` in ``conf/data/folder.yaml``."""
-    return then if value not in (None, "") else otherwise
-
-
-if not OmegaConf.has_resolver("mcl_dirname"):
-    OmegaConf.register_new_resolver("mcl_dirname", short_dirname)
-if not OmegaConf.has_resolver("mcl_if_set"):
-    OmegaConf.register_new_resolver("mcl_if_set", if_set)
 
 
 def wandb_has_key() -> bool:

@@ -22,7 +22,6 @@ from mcl.methods.base import PROGRESS_BAR_LOSS
 from mcl.pyramid import neck_with_defaults
 from mcl.runs import STATE_FILE, RunLock, read_json, replaced_atomically, write_json
 from mcl.runtime import (
-    CONFIG_DIR,
     METRICS_FILE,
     closing_loggers,
     instantiate_trainer,
@@ -248,8 +247,9 @@ def run_in_folder(
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run_main(cfg: DictConfig) -> float | None:
+    """``mcl-train`` once :mod:`mcl.launch` has composed the config and checked the world size: train, print the
+    summary table (rank 0) and return ``optimized_metric`` to a sweeper."""
     metrics = train(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
         method = str(cfg.method._target_).rsplit(".", 1)[-1]
@@ -257,6 +257,8 @@ def main(cfg: DictConfig) -> float | None:
         print_summary(metrics, ("init/knn_top1", "val/knn_top1", "val/acc", "train/loss"), title)
     return metrics.get(cfg.get("optimized_metric") or "", None)
 
+
+from mcl.launch import main  # noqa: E402  (the console script's entry point, light to import)
 
 if __name__ == "__main__":
     main()
