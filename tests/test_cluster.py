@@ -90,3 +90,10 @@ def test_the_console_script_refuses_before_torch_loads(tmp_path, no_launcher):
     result = subprocess.run([script, *overrides, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True)
     assert result.returncode == 1 and "add trainer.num_nodes=1" in result.stderr
     assert [path.name for path in tmp_path.iterdir()] == ["train.log"]  # Hydra's job log, nothing of the run
+
+
+@pytest.mark.parametrize("devices", ["-1", "auto", "'0,1,2,3,4,5,6,7'"])
+def test_devices_the_node_decides_or_lists_are_not_refused(devices, no_launcher):
+    recipe = ["experiment=mcl_paper_r50_b4096_e100_imagenet", "data.train_dir=/x", "data.val_dir=/y"]
+    cfg = compose_train([*recipe, f"trainer.devices={devices}"])
+    check_world_size(cfg, {"SLURM_NTASKS": "32", "SLURM_PROCID": "0"})

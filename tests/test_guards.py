@@ -51,3 +51,21 @@ def test_the_check_interval_must_be_a_positive_step_count(value):
 def test_due_every_check_every_steps():
     guard = FiniteGuard(check_every=3)
     assert [step for step in range(1, 10) if guard.due(step)] == [3, 6, 9]
+
+
+def test_under_loss_scaling_only_a_non_finite_loss_is_recorded_and_the_gradients_are_the_scalers():
+    guard, weights = FiniteGuard(), torch.ones(2, requires_grad=True)
+    weights.grad = torch.tensor([0.5, float("inf")])  # scaled gradients: the scaler will skip this step
+    guard.see_loss(torch.tensor(float("nan")))
+    guard.mask_gradients([weights.grad], 3, loss_only=True)
+    assert torch.equal(weights.grad, torch.tensor([0.5, float("inf")]))  # left to the scaler
+    assert guard.first_bad_step() == (3, "training loss")
+    guard = FiniteGuard()
+    guard.see_loss(torch.tensor(1.0))
+    guard.mask_gradients([torch.tensor([float("inf")])], 4, loss_only=True)  # an overflow the scaler handles
+    assert guard.first_bad_step() is None
+
+
+def test_the_record_is_read_once_per_step_with_accumulated_batches():
+    guard = FiniteGuard(check_every=2)
+    assert [guard.due(step) for step in (1, 2, 2, 2, 3, 4, 4)] == [False, True, False, False, False, True, False]

@@ -252,3 +252,12 @@ def test_trainer_sync_batchnorm_gives_the_trainer_this_plugin_not_torchs(sync, t
         assert isinstance(layer_sync, SyncBatchNormPlugin) and not isinstance(layer_sync, TorchSyncBatchNorm)
     else:
         assert layer_sync is None
+
+
+def test_a_batchnorm_that_does_more_than_normalise_is_refused_not_stripped():
+    """timm's BatchNormAct2d applies its activation in its own forward; a plain SyncBatchNorm in its place would
+    silently train a network without those ReLUs."""
+    from timm.layers import BatchNormAct2d
+
+    with pytest.raises(TypeError, match="BatchNormAct2d is a BatchNorm with a forward of its own"):
+        convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4)))

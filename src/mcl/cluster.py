@@ -39,14 +39,17 @@ def detect_launcher(environ: dict[str, str] | None = None) -> tuple[str, int | N
 
 
 def _devices_per_node(trainer: DictConfig) -> int | None:
+    """Processes per node that ``trainer.devices`` asks for, or ``None`` when the node decides (``auto``, ``-1``)."""
     devices = trainer.get("devices", 1)
-    if isinstance(devices, int):
-        return devices
-    if isinstance(devices, str) and devices.lstrip("-").isdigit():
-        return int(devices)
     if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
         return len(devices)
-    return None  # "auto": as many as the node has
+    if isinstance(devices, str) and "," in devices:  # "0,1": device indices
+        return len([index for index in devices.split(",") if index.strip()])
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        return devices
+    return None  # "auto" or -1: as many as the node has
 
 
 def check_world_size(cfg: DictConfig, environ: dict[str, str] | None = None) -> None:

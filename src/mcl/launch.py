@@ -17,3 +17,7 @@ def main(cfg: DictConfig) -> float | None:
     from mcl.train import run_main  # torch, Lightning and the library load here
 
     return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -205,6 +205,13 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
         module.process_group = process_group
         return module
     converted = module
+    if isinstance(module, _BatchNorm) and type(module).forward not in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+        # e.g. timm's BatchNormAct2d (norm, then its activation): a plain SyncBatchNorm would drop what it adds
+        raise TypeError(
+            f"{type(module).__name__} is a BatchNorm with a forward of its own (it does more than normalise), which "
+            "synchronised BatchNorm would silently drop: use a backbone with plain BatchNorm layers or "
+            "trainer.sync_batchnorm=false"
+        )
     if isinstance(module, _BatchNorm):
         converted = SyncBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, process_group

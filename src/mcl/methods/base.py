@@ -171,6 +171,7 @@ class MultiLevelModule(pl.LightningModule):
             raise ValueError(f"max_weight_norm_ratio={max_weight_norm_ratio} is invalid: use a number > 1 or null")
         self.max_weight_norm_ratio = max_weight_norm_ratio
         self.finite_guard = FiniteGuard(finite_check_every)
+        self._bar_step: int | None = None
         self._initial_weight_norm: float | None = None
         self.downscale_mode = downscale_mode
         self.optimizer_factory = optimizer
@@ -399,7 +400,8 @@ class MultiLevelModule(pl.LightningModule):
         self.log("train/loss", loss)
         self.log_dict({f"train/{name}": value for name, value in logs.items()})
         every = self._trainer.log_every_n_steps if self._trainer is not None else 1
-        if self.global_step % max(1, every) == 0:
+        if self.global_step % max(1, every) == 0 and self.global_step != self._bar_step:  # once per step
+            self._bar_step = self.global_step
             self.log(PROGRESS_BAR_LOSS, loss.detach().to("cpu", copy=True), prog_bar=True, logger=False)
 
     # ------------------------------------------------------------- divergence
@@ -437,11 +439,12 @@ class MultiLevelModule(pl.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep non-finite gradients out of the weights, without a host sync (:class:`~mcl.guards.FiniteGuard`); not
-        under fp16 loss scaling, which skips such steps itself."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return
-        self.finite_guard.mask_gradients((p.grad for p in self.parameters() if p.grad is not None), self.global_step)
+        """Keep non-finite gradients out of the weights, without a host sync (:class:`~mcl.guards.FiniteGuard`); under
+        fp16 loss scaling, whose scaler skips steps with non-finite gradients itself, only a non-finite loss is
+        recorded."""
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        gradients = (p.grad for p in self.parameters() if p.grad is not None)
+        self.finite_guard.mask_gradients(gradients, self.global_step, loss_only=scaled)
 
     def check_finite(self) -> None:
         """Stop if a step since the start was non-finite (its gradient was discarded); one host sync."""
