@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcl.checkpoints import AtomicCheckpointIO
 from mcl.cluster import check_world_size
-from mcl.configs import CONFIG_DIR, DIRNAME_LIMIT, find_config_dir, if_set, short_dirname  # noqa: F401
+from mcl.configs import CONFIG_DIR, short_dirname  # noqa: F401  (re-exported: entry points and tests import them here)
 from mcl.runs import write_json
 from mcl.syncbn import SyncBatchNormPlugin
 

@@ -66,13 +66,12 @@ class EpochShuffle(DistributedSampler):
         num_replicas = distributed.world_size() if num_replicas is None else num_replicas
         rank = distributed.rank() if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.size = len(dataset)
 
     def __iter__(self) -> Iterator[int]:
         seed = self.seed * 1_000_003 + self.epoch
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))
         torch.manual_seed(global_seed(seed, self.rank))
-        return iter(order[self.rank : self.num_samples * self.num_replicas : self.num_replicas].tolist())
+        return iter(order[self.rank : self.total_size : self.num_replicas].tolist())
 
 
 def global_seed(epoch_seed: int, rank: int) -> int:

@@ -476,9 +476,7 @@ class MultiLevelModule(pl.LightningModule):
         (gathered from all ranks: every rank runs this hook, rank 0 writes the file) and the initial weight norm."""
         self.check_finite()
         self.check_weights()
-        state = self.generator.get_state()
-        gathered = gather_batch(state.to(self.device).unsqueeze(0)) if world_size() > 1 else state.unsqueeze(0)
-        checkpoint[GENERATOR_STATES] = gathered.cpu()
+        checkpoint[GENERATOR_STATES] = gather_batch(self.generator.get_state().to(self.device).unsqueeze(0)).cpu()
         checkpoint["initial_weight_norm"] = self._initial_weight_norm
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
