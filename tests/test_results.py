@@ -1,21 +1,29 @@
 """Results collection over multirun folders and W&B projects (with a stand-in API)."""
 
 import json
+import os
+import socket
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from mcl.results import collect_multirun, collect_wandb, main, parse_override
+from mcl.results import collect_multirun, collect_wandb, job_status, main, parse_override, read_job
+from mcl.runs import LOCK_FILE, STATE_FILE
 
 
-def fake_job(root, name, overrides, metrics=None, csv_rows=None, config=None):
+def fake_job(root, name, overrides, metrics=None, csv_rows=None, config=None, state=None, lock=None):
+    """A job folder as mcl-train leaves it: ``state`` is run.json's status, ``lock`` the lock file's content."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config or {}))
     if metrics is not None:
         (job / "metrics.json").write_text(json.dumps(metrics))
+    if state is not None:
+        (job / STATE_FILE).write_text(json.dumps({"status": state, "max_epochs": 3, "wandb_id": None}))
+    if lock is not None:
+        (job / LOCK_FILE).write_text(lock if isinstance(lock, str) else json.dumps(lock))
     if csv_rows is not None:
         (job / "csv" / "version_0").mkdir(parents=True)
         (job / "csv" / "version_0" / "metrics.csv").write_text(csv_rows)
@@ -49,12 +57,66 @@ def test_multirun_table_has_a_row_per_job_in_job_order(tmp_path):
     frame = collect_multirun(tmp_path, config_keys=["loss.target_assignment", "loss.levels", "out"])
     assert frame["job"].tolist() == ["1_levels=1", "2_levels=2", "3_levels=3", "10_levels=10"]
     assert frame["levels"].tolist() == [1, 2, 3, 10]
-    assert frame["status"].tolist() == ["finished", "finished", "unfinished", "finished"]
+    assert frame["status"].tolist() == [
+        "finished",
+        "finished",
+        "unfinished",
+        "finished",
+    ]  # no run.json: by metrics.json
     assert frame["val/knn_top1"].tolist() == [61.0, 62.0, 55.5, 70.0]
     assert frame.loc[2, "train/loss"] == 7.0  # the last value the CSV log holds
     assert frame["loss.target_assignment"].fillna("-").tolist() == ["top", "top", "-", "top"]
     assert frame["loss.levels"].tolist()[:2] == [3, 3]  # interpolations resolved
     assert frame["out"].tolist()[0] == "${hydra:runtime}"  # Hydra-only interpolations stay as written
+
+
+def a_gone_pid():
+    """The pid of a process that has exited (a child that was waited for)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+CSV = "epoch,step,val/knn_top1,train/loss\n0,9,55.5,\n0,10,,7.0\n"
+
+
+def test_status_comes_from_run_json_then_the_lock(tmp_path):
+    here = socket.gethostname()
+    alive = {"host": here, "pid": os.getpid(), "started": "2026-11-26 16:00:00", "command": "mcl-train"}
+    gone = {**alive, "pid": a_gone_pid()}
+    elsewhere = {**gone, "host": here + "-other-node"}
+    cases = {
+        "finished": dict(state="finished", metrics={"val/knn_top1": 61.0}),
+        "failed": dict(state="failed", csv_rows=CSV),
+        "interrupted": dict(state="interrupted", csv_rows=CSV),
+        "running": dict(state="running", lock=alive, csv_rows=CSV),
+        "running_elsewhere": dict(state="running", lock=elsewhere),
+        "running_lock_being_written": dict(state="running", lock=""),
+        "dead_no_lock": dict(state="running", csv_rows=CSV),
+        "dead_gone_process": dict(state="running", lock=gone),
+        "finished_no_run_json": dict(metrics={"val/knn_top1": 61.0}),  # mcl-linear, mcl-finetune, older runs
+        "unfinished_no_run_json": dict(csv_rows=CSV),
+        "running_before_run_json": dict(lock=alive),
+        "dead_before_run_json": dict(lock=gone),
+    }
+    for name, files in cases.items():
+        job = fake_job(tmp_path, name, ["levels=1"], **files)
+        assert job_status(job) == name.split("_")[0], name
+
+
+def test_a_rerun_takes_its_status_from_run_json_not_the_old_metrics(tmp_path):
+    """metrics.json of an earlier finished run stays while a resumed run is under way or after it failed: the row
+    says what run.json says, with the newer values of the CSV log; a finished run whose rerun stopped at its checks
+    (run.json untouched) stays finished with its metrics."""
+    old = {"val/knn_top1": 50.0, "init/knn_top1": 10.0}
+    failed = read_job(fake_job(tmp_path, "0_failed", ["levels=1"], metrics=old, state="failed", csv_rows=CSV))
+    assert failed["status"] == "failed" and failed["val/knn_top1"] == 55.5 and failed["train/loss"] == 7.0
+    dead = read_job(fake_job(tmp_path, "1_dead", ["levels=1"], metrics=old, state="running", csv_rows=CSV))
+    assert dead["status"] == "dead" and dead["val/knn_top1"] == 55.5
+    kept = read_job(fake_job(tmp_path, "2_kept", ["levels=1"], metrics=old, state="finished", csv_rows=CSV))
+    assert kept["status"] == "finished" and kept["val/knn_top1"] == 50.0 and kept["init/knn_top1"] == 10.0
 
 
 def test_missing_or_empty_folders_are_named(tmp_path):

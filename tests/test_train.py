@@ -171,7 +171,7 @@ def test_multirun_gives_each_job_its_own_folder_wandb_run_and_results_row(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert [job.split("_")[0] for job in jobs] == ["0", "1"]
-    assert "levels=1" in jobs[0].split(",") and "levels=2" in jobs[1].split(",")
+    assert jobs[0].startswith("0_levels=1,+trainer.max_steps=1,") and jobs[1].startswith("1_levels=2,")  # swept first
     runs = []
     for job in jobs:
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()

@@ -1,9 +1,26 @@
 """Gather the results of many runs into one table: a Hydra multirun folder, or a W&B project when online.
 
 ``mcl-collect multirun/mcl/2026-11-26_16-00-00`` prints one row per job: the job's command-line overrides as
-columns, then its metrics. Jobs that did not finish keep their row (``status`` says so) with the last values their CSV
-log holds, so a crashed job in a sweep is seen rather than silently dropped. In Python, :func:`collect_multirun`
-returns the same table as a :class:`pandas.DataFrame`.
+columns, then its metrics. Jobs that did not finish keep their row with the last values their CSV log holds, so a
+crashed job in a sweep is seen rather than silently dropped. In Python, :func:`collect_multirun` returns the same
+table as a :class:`pandas.DataFrame`.
+
+A job's ``status`` (:func:`job_status`) comes from its ``run.json`` (written by ``mcl-train``) and its lock file
+``.mcl-run.lock``:
+
+- ``finished``: ``run.json`` says so; for a folder without ``run.json`` (``mcl-linear``, ``mcl-finetune``, runs older
+  than ``run.json``), ``metrics.json`` is there.
+- ``failed``: the run stopped on an error.
+- ``interrupted``: the run was stopped (SIGTERM, SIGINT) after saving its checkpoint, from which it can resume.
+- ``running``: ``run.json`` says ``running`` (or is not written yet while a lock is there) and the process named by
+  the lock is alive; a lock taken on another host cannot be checked from here and counts as alive.
+- ``dead``: ``run.json`` says ``running`` but no process holds the folder: no lock, or the lock of a process that no
+  longer exists on this host (killed, out of memory, machine restarted).
+- ``unfinished``: a folder without ``run.json``, ``metrics.json`` or a lock (an ``mcl-linear`` or ``mcl-finetune``
+  job: they keep neither ``run.json`` nor a lock, so whether such a job still runs cannot be told).
+
+``run.json`` is read first: a finished run that is rerun and fails its checks keeps ``run.json`` as it was, and stays
+``finished``.
 """
 
 from __future__ import annotations
@@ -11,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import socket
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +38,7 @@ import pandas as pd
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mcl.runs import LOCK_FILE, STATE_FILE, process_alive, read_json
 from mcl.runtime import METRICS_FILE, wandb_has_key
 
 DEFAULT_METRICS = ("init/knn_top1", "val/knn_top1", "val/acc", "val/top1", "val/AP", "train/loss")
@@ -91,7 +110,8 @@ def resolved(config: DictConfig, key: str) -> Any:
 
 
 def last_logged(job_dir: Path) -> dict[str, float]:
-    """The last value of every metric in the job's CSV logs (``csv/version_*/metrics.csv``), for unfinished jobs."""
+    """The last value of every metric in the job's CSV logs (``csv/version_*/metrics.csv``), for a job that did not
+    finish."""
     values: dict[str, float] = {}
 
     def version(path: Path) -> tuple[int, str]:  # version_10 after version_9
@@ -107,8 +127,36 @@ def last_logged(job_dir: Path) -> dict[str, float]:
     return values
 
 
+def lock_holder_alive(job_dir: Path) -> bool:
+    """Whether a process holds the job folder: its ``.mcl-run.lock`` exists and names a live process, or one on
+    another host (which cannot be checked from here), or cannot be read yet (a lock being written)."""
+    lock_path = job_dir / LOCK_FILE
+    if not lock_path.is_file():
+        return False
+    owner = read_json(lock_path)
+    pid = owner.get("pid")
+    if not owner or owner.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return True
+    return process_alive(pid)
+
+
+def job_status(job_dir: Path) -> str:
+    """``finished``, ``failed``, ``interrupted``, ``running``, ``dead`` or ``unfinished`` (see the module docstring)."""
+    status = read_json(job_dir / STATE_FILE).get("status")
+    if status in ("finished", "failed", "interrupted"):
+        return status
+    if status == "running":
+        return "running" if lock_holder_alive(job_dir) else "dead"
+    if (job_dir / METRICS_FILE).is_file():
+        return "finished"
+    if (job_dir / LOCK_FILE).is_file():  # a run that holds the folder but has not written run.json yet
+        return "running" if lock_holder_alive(job_dir) else "dead"
+    return "unfinished"
+
+
 def read_job(job_dir: Path, config_keys: Sequence[str] = ()) -> dict[str, Any]:
-    """One job folder (holding ``.hydra/``) -> ``{"job", "status", <override keys>, <config keys>, <metrics>}``."""
+    """One job folder (holding ``.hydra/``) -> ``{"job", "status", <override keys>, <config keys>, <metrics>}``: the
+    metrics of ``metrics.json`` for a finished job, else the last values its CSV log holds."""
     row: dict[str, Any] = {"job": job_dir.name}
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
     row.update(parse_override(o) for o in overrides)
@@ -117,12 +165,11 @@ def read_job(job_dir: Path, config_keys: Sequence[str] = ()) -> dict[str, Any]:
         config = OmegaConf.load(config_path)
         for key in config_keys:
             row.setdefault(key, resolved(config, key))
+    row["status"] = job_status(job_dir)
     metrics_path = job_dir / METRICS_FILE
-    if metrics_path.is_file():
-        row["status"] = "finished"
+    if row["status"] == "finished" and metrics_path.is_file():
         row.update(json.loads(metrics_path.read_text()))
     else:
-        row["status"] = "unfinished"
         row.update(last_logged(job_dir))
     return row
 
