@@ -1,6 +1,7 @@
 """Checkpoint files: last.ckpt is the newest state, writes are atomic, reads never run code."""
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +12,23 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.demos.boring_classes import BoringModel
 
+from mcl.backbones import Backbone
 from mcl.checkpoints import (
     AtomicCheckpointIO,
     CheckpointError,
+    CheckpointKindError,
     LastCheckpoint,
     atomic_save,
+    check_checkpoint_kind,
+    checkpoint_kind,
     load_checkpoint,
     newest_loadable,
     split_loss_hyperparameters,
 )
+from mcl.detection.finetune import DetectionModule
+from mcl.detection.models import build_detector, load_pretrained
+from mcl.export import export
+from mcl.linear import LinearProbe, frozen_backbone
 from mcl.loss import MultiLevelBYOL, MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.methods import MCL, SupervisedMultiLevel
 
@@ -253,3 +262,119 @@ def test_models_load_from_checkpoints_with_their_loss(tmp_path, method, loss, la
     state = model.state_dict()
     assert loaded.state_dict().keys() == state.keys()
     assert all(torch.equal(value, state[key]) for key, value in loaded.state_dict().items())
+
+
+# The top-level keys Lightning writes beside the weights (as in checkpoints of mcl-train, mcl-linear, mcl-finetune).
+LIGHTNING_KEYS = {
+    "epoch": 0,
+    "global_step": 1,
+    "pytorch-lightning_version": "2.5.0",
+    "loops": {"fit_loop": {}},
+    "callbacks": {},
+    "optimizer_states": [],
+    "lr_schedulers": [],
+}
+
+
+def lightning_checkpoint(module: pl.LightningModule, weights: bool = True, **extra) -> dict:
+    """What Lightning's checkpoint of ``module`` holds: its state dict (with ``weights=False``, its keys with scalar
+    zeros: the kind is told by the keys), its saved hyper-parameters if it has any, and the ``extra`` keys its
+    ``on_save_checkpoint`` adds."""
+    state = module.state_dict() if weights else dict.fromkeys(module.state_dict(), torch.zeros(()))
+    checkpoint = {**LIGHTNING_KEYS, "state_dict": state, **extra}
+    if module.hparams:
+        checkpoint.update(hparams_name=None, hyper_parameters=dict(module.hparams))
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """One file of each kind, by name: the path and the kind it is. Pretraining (MCL and supervised), linear probe
+    and detector checkpoints hold the state dict keys of the real modules (the MCL one its weights too); exports are
+    written by mcl-export from the MCL one, in each of its two file types (a torch state dict, a detectron2 pickle)."""
+    folder = tmp_path_factory.mktemp("kinds")
+    generator = {"montage_generator_states": torch.zeros(1, 5056, dtype=torch.uint8), "initial_weight_norm": 1.0}
+    mcl = folder / "mcl.ckpt"
+    torch.save(lightning_checkpoint(MCL(**small_trunk(2)), **generator), mcl)
+    files = {"mcl.ckpt": (mcl, "pretraining")}
+    with torch.device("meta"):  # the keys without the time random initialisation takes
+        others = {
+            "supervised.ckpt": (SupervisedMultiLevel(**small_trunk(2), num_classes=4), "pretraining"),
+            "linear.ckpt": (LinearProbe(Backbone("resnet18"), num_classes=4, optimizer=None), "linear probe"),
+            "detector.ckpt": (DetectionModule(build_detector("fasterrcnn_v2", "resnet18", 3), None, [0.5]), "detector"),
+        }
+    for name, (module, kind) in others.items():
+        extra = generator if kind == "pretraining" else {}
+        torch.save(lightning_checkpoint(module, weights=False, **extra), folder / name)
+        files[name] = (folder / name, kind)
+    for output in ("fasterrcnn_v2.pth", "detectron2.pkl"):
+        files[output] = (export(mcl, output.split(".")[0], folder / output), "export")
+    torch.save({"model": torch.zeros(2), "step": 3}, folder / "foreign.pt")
+    files["foreign.pt"] = (folder / "foreign.pt", "unknown")
+    headless = {**LIGHTNING_KEYS, "state_dict": {"backbone.model.conv1.weight": torch.zeros(1)}}  # no hparams
+    torch.save(headless, folder / "headless.ckpt")
+    files["headless.ckpt"] = (folder / "headless.ckpt", "unknown")
+    return files
+
+
+def read_any(path: Path) -> dict:
+    """A checkpoint as train's resume reads it (metadata only); detectron2's pickles (numpy values, which
+    load_checkpoint refuses) with pickle."""
+    if path.suffix == ".pkl":
+        return pickle.loads(path.read_bytes())
+    return load_checkpoint(path, map_location="meta")
+
+
+def test_checkpoint_kind_tells_which_program_wrote_a_file(kinds):
+    assert len(kinds) == 8
+    assert {name: checkpoint_kind(read_any(path)) for name, (path, _) in kinds.items()} == {
+        name: kind for name, (_, kind) in kinds.items()
+    }
+    with pytest.raises(CheckpointError, match=r"detectron2.pkl is a pickle, not a PyTorch checkpoint: mcl-export's"):
+        load_checkpoint(kinds["detectron2.pkl"][0])  # why these are read with pickle above
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_refused_with_what_to_pass(kinds):
+    path = kinds["linear.ckpt"][0]
+    with pytest.raises(CheckpointKindError) as refused:
+        check_checkpoint_kind(read_any(path), path, expected="pretraining", entry_point="mcl-train")
+    assert str(refused.value) == (
+        f"{path} is a linear probe checkpoint (written by mcl-linear), not a pretraining checkpoint: mcl-train "
+        "ckpt_path=... resumes pretraining from its own checkpoints (checkpoints/last.ckpt of a pretraining run); a "
+        "linear probe holds a frozen backbone and a classifier: to fine-tune or evaluate, pass the pretraining "
+        "checkpoint it was trained from (the checkpoint=... in its run's .hydra/config.yaml)"
+    )
+    pretraining = kinds["mcl.ckpt"][0]
+    assert check_checkpoint_kind(read_any(pretraining), pretraining, "pretraining", "mcl-train") == "pretraining"
+    with pytest.raises(
+        CheckpointKindError,
+        match=rf"not a detector checkpoint: mcl-finetune ckpt_path=.*; to resume "
+        rf"its pretraining use mcl-train ckpt_path={pretraining}, .*mcl-finetune model.pretrained=",
+    ):
+        check_checkpoint_kind(read_any(pretraining), pretraining, "detector", "mcl-finetune")
+    exported = kinds["fasterrcnn_v2.pth"][0]
+    with pytest.raises(CheckpointKindError, match=r"v2.pth is a bare weight file .* has no training state"):
+        check_checkpoint_kind(read_any(exported), exported, "pretraining", "mcl-train")
+    foreign = kinds["foreign.pt"][0]
+    with pytest.raises(
+        CheckpointKindError,
+        match=r"is not a checkpoint of this library \(its top-level keys: model, "
+        r"step\), not a pretraining checkpoint or a bare weight file: mcl-finetune model.pretrained",
+    ):
+        check_checkpoint_kind(read_any(foreign), foreign, ("pretraining", "export"), "mcl-finetune model.pretrained")
+    with pytest.raises(ValueError, match=r"expected=\['probe'\] names no checkpoint kind"):
+        check_checkpoint_kind({}, "x.ckpt", "probe", "mcl-train")
+
+
+def test_linear_finetune_and_export_name_the_kind_they_were_given(kinds, tmp_path):
+    detector, linear, pretraining = (kinds[name][0] for name in ("detector.ckpt", "linear.ckpt", "mcl.ckpt"))
+    with pytest.raises(CheckpointKindError, match=r"is a detector checkpoint .*: mcl-linear checkpoint=\.\.\. trains"):
+        frozen_backbone(str(detector))
+    with pytest.raises(CheckpointKindError, match=r"is a linear probe checkpoint .*: mcl-export exports"):
+        export(linear, "timm", tmp_path / "out.pth")
+    target = build_detector("fasterrcnn_v2", "resnet18", 3, fpn_channels=16)  # small_trunk's pyramid width
+    with pytest.raises(CheckpointKindError, match=r"is a linear probe .*: mcl-finetune model.pretrained=\.\.\. starts"):
+        load_pretrained(target, "fasterrcnn_v2", linear)
+    # What model.pretrained takes still loads: a pretraining checkpoint and the export for the architecture.
+    assert not any(key.startswith("backbone.body.") for key in load_pretrained(target, "fasterrcnn_v2", pretraining))
+    assert load_pretrained(target, "fasterrcnn_v2", kinds["fasterrcnn_v2.pth"][0])

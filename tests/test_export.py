@@ -169,7 +169,7 @@ def test_detectron2_resnet_names():
 def test_wrong_checkpoints_and_formats_are_refused(tmp_path, capsys):
     plain = tmp_path / "plain.pth"
     torch.save(torchvision.models.resnet18().state_dict(), plain)
-    with pytest.raises(CheckpointKindError, match="not an mcl pretraining checkpoint"):
+    with pytest.raises(CheckpointKindError, match=r"plain.pth is a bare weight file .*, not a pretraining checkpoint"):
         export(plain, "timm", tmp_path / "out.pth")
     swin = save_checkpoint(MCL(**small_trunk(2, backbone={"name": "swin_test"})), tmp_path / "swin.ckpt")
     with pytest.raises(CheckpointKindError, match="'swin_test'.*--format timm"):
@@ -177,7 +177,7 @@ def test_wrong_checkpoints_and_formats_are_refused(tmp_path, capsys):
     assert export(swin, "timm", tmp_path / "swin.pth").is_file()
     with pytest.raises(SystemExit) as exit_info:
         main([str(plain), "--format", "timm", "--output", str(tmp_path / "x.pth")])
-    assert exit_info.value.code == 2 and "not an mcl pretraining checkpoint" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not a pretraining checkpoint: mcl-export exports" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
 """Pretraining on a folder of unlabelled images (data=folder): what is found, how every image mode is read, what
 happens to unreadable files (in the main process and in DataLoader workers), and a whole run without validation."""
 
+import errno
 import io
 import json
 import logging
 import multiprocessing
+import os
 import warnings
 from pathlib import Path
 
@@ -15,7 +17,15 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
 from mcl.data import FolderDataModule, MissingDatasetError
-from mcl.data.sources import IMAGE_EXTENSIONS, UNLABELLED, ImageFiles, UnreadableImageError, decode_image
+from mcl.data.sources import (
+    IMAGE_EXTENSIONS,
+    UNLABELLED,
+    ImageFiles,
+    UnlistableFolderError,
+    UnreadableImageError,
+    decode_image,
+    find_images,
+)
 from mcl.train import train
 
 from .conftest import compose_train
@@ -238,8 +248,137 @@ def test_the_datamodule_subsets_the_files_and_reports_their_count(tree, caplog):
     with caplog.at_level(logging.INFO, logger="mcl.data.datamodules"):
         report = module.data_report()
     skipped = module.train_images.num_unreadable
-    assert report == {"data/skipped_images": float(skipped)}
+    assert report == {"data/skipped_images": float(skipped), "data/skipped_folders": 0.0}
     assert f"skipped {skipped} unreadable images of 6" in caplog.text
+
+
+def write_locked_tree(root: Path) -> Path:
+    """12 small PNGs: 8 in ``root`` and 4 in ``root/locked``, the sub-folder that the tests make unlistable."""
+    (root / "locked").mkdir(parents=True)
+    for index in range(12):
+        folder = root / "locked" if index >= 8 else root
+        Image.fromarray(noise(8, 8, seed=index)).save(folder / f"{index:02d}.png")
+    return root
+
+
+def deny_listing(monkeypatch, *folders: Path) -> None:
+    """Make ``os.scandir`` (which ``os.walk`` lists folders with) fail on ``folders`` as it does for a user without
+    read permission: the tests run as root, for whom mode 000 stops nothing."""
+    real = os.scandir
+    denied = {str(folder) for folder in folders}
+
+    def scandir(path="."):
+        if os.fspath(path) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unlistable_sub_folder_is_counted_and_reported(tmp_path, monkeypatch, caplog):
+    root = write_locked_tree(tmp_path / "photos")
+    locked = root / "locked"
+    deny_listing(monkeypatch, locked)
+    with caplog.at_level(logging.WARNING, logger="mcl.data.sources"):
+        files = ImageFiles.from_root(root)
+    assert len(files) == 8 and files.unlistable_folders == [(str(locked), "Permission denied")]
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning.startswith(f"data.root={root}: 1 folder(s) cannot be listed and are left out")
+    assert warning.endswith(f"chmod -R u+rX <folder>, to use them): {locked} (Permission denied)")
+    # The subset the datamodule trains on keeps the folders, and the report counts them beside the skipped images.
+    module = FolderDataModule(root=str(root), image_size=32, batch_size=4, num_workers=0, train_size=6)
+    module.setup()
+    assert len(module.train_images) == 6 and module.train_images.unlistable_folders == files.unlistable_folders
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mcl.data.datamodules"):
+        report = module.data_report()
+    assert report == {"data/skipped_images": 0.0, "data/skipped_folders": 1.0}
+    assert caplog.records[-1].getMessage() == (
+        f"skipped 0 unreadable images of 6; 1 folder(s) could not be listed: {locked} (Permission denied)"
+    )
+    # on_corrupt=fail stops, naming the folder; so does find_images without a list to collect them in.
+    with pytest.raises(UnlistableFolderError) as refused:
+        ImageFiles.from_root(root, on_corrupt="fail")
+    assert str(refused.value) == (
+        f"data.root={root}: 1 folder(s) cannot be listed, so the images in them cannot be found (8 image(s) found in "
+        f"the folders that could be listed): {locked} (Permission denied). Make them readable (e.g. chmod -R u+rX "
+        "<folder>) or move them out of data.root, or set data.on_corrupt=skip to train without them"
+    )
+    with pytest.raises(UnlistableFolderError, match=rf"1 folder\(s\) under {root} cannot be listed.*{locked}"):
+        find_images(root)
+
+
+def test_many_unlistable_folders_are_named_up_to_five_and_an_unlistable_root_is_an_error(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    for index in range(7):
+        (root / f"f{index}").mkdir(parents=True)
+        Image.fromarray(noise(8, 8)).save(root / f"f{index}" / "a.png")
+    Image.fromarray(noise(8, 8)).save(root / "top.png")
+    deny_listing(monkeypatch, *(root / f"f{index}" for index in range(7)))
+    files = ImageFiles.from_root(root)
+    assert len(files) == 1 and len(files.unlistable_folders) == 7
+    module = FolderDataModule(root=str(root), image_size=32, batch_size=1, num_workers=0)
+    module.setup()
+    assert module.data_report()["data/skipped_folders"] == 7.0
+    with pytest.raises(UnlistableFolderError, match=r"f4 \(Permission denied\) and 2 more\. Make them"):
+        ImageFiles.from_root(root, on_corrupt="fail")
+    deny_listing(monkeypatch, root)  # the root itself: nothing can be found, whatever on_corrupt says
+    with pytest.raises(
+        UnlistableFolderError, match=rf"\(0 image\(s\) found.*\): {root} \(Permission denied\)\. .*data.root$"
+    ):
+        ImageFiles.from_root(root, on_corrupt="skip")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists folders of any mode")
+def test_a_folder_of_mode_000_is_reported(tmp_path):
+    root = write_locked_tree(tmp_path / "photos")
+    (root / "locked").chmod(0)
+    try:
+        files = ImageFiles.from_root(root)
+    finally:
+        (root / "locked").chmod(0o755)
+    assert len(files) == 8 and files.unlistable_folders == [(str(root / "locked"), "Permission denied")]
+
+
+def test_a_training_set_without_one_readable_image_says_so_at_set_up(tmp_path):
+    root = tmp_path / "broken"
+    root.mkdir()
+    for index in range(3):
+        (root / f"{index}.jpg").write_text("not a JPEG\n")
+    module = FolderDataModule(root=str(root), image_size=32, batch_size=8, num_workers=0)
+    with pytest.raises(MissingDatasetError) as refused:
+        module.setup()
+    message = str(refused.value)
+    assert message.startswith(
+        f"no readable image in {root}: 3 file(s) tried, none could be decoded, e.g. {root / '0.jpg'}: "
+    )
+    assert message.count("cannot identify image file") == 3 and "batch size would not help" in message
+    # With a readable image among them, the batch size is what is wrong, and the message says so.
+    Image.fromarray(noise(8, 8)).save(root / "9.png")
+    with pytest.raises(ValueError, match="the training set has 4 images, fewer than data.batch_size=8: lower"):
+        FolderDataModule(root=str(root), image_size=32, batch_size=8, num_workers=0).setup()
+
+
+def test_the_readability_check_goes_past_a_broken_start(tmp_path, monkeypatch):
+    """Nine broken files, then one good one: the eight files spread over the set all fail, the others are tried in
+    order until the good one reads, and set-up goes on; each file is decoded once at most."""
+    root = tmp_path / "mostly_broken"
+    root.mkdir()
+    for index in range(9):
+        (root / f"{index}.jpg").write_bytes(b"")
+    Image.fromarray(noise(8, 8)).save(root / "9.png")
+    files = ImageFiles.from_root(root)
+    decoded = []
+    real = decode_image
+
+    def counting(path):
+        decoded.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr("mcl.data.sources.decode_image", counting)
+    files.check_readable()
+    assert decoded[:8] == ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "5.jpg", "6.jpg", "7.jpg", "8.jpg"]
+    assert decoded[8:] == ["4.jpg", "9.png"] and files.num_unreadable == 0
 
 
 @pytest.mark.parametrize(

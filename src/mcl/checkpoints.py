@@ -11,13 +11,15 @@
 - :func:`newest_loadable` picks the checkpoint to resume from when ``last.ckpt`` is unreadable.
 - :func:`split_loss_hyperparameters` reads a method's saved loss config, also from checkpoints saved before the loss
   had one.
+- :func:`checkpoint_kind` tells which program wrote a checkpoint (pretraining, linear probe, detector, export), and
+  :func:`check_checkpoint_kind` refuses a file of the wrong kind with what to pass instead.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,11 @@ class CheckpointError(ValueError):
     """A file that cannot be read as a checkpoint of this library."""
 
 
+class CheckpointKindError(CheckpointError):
+    """A checkpoint of another kind than the one asked for (e.g. a linear probe where a pretraining checkpoint is
+    needed), or weights a format cannot hold."""
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """A checkpoint read with ``weights_only=True``, or a :class:`CheckpointError` that names the file and the cause."""
     path = Path(path)
@@ -50,6 +57,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
                 "it is loaded, so it is refused. Checkpoints and exports written by this library never do; if you "
                 "trust the file's origin, load it yourself with torch.load(..., weights_only=False) and re-save its "
                 "state_dict."
+            ) from error
+        if path.suffix == ".pkl":
+            raise CheckpointError(
+                f"{path} is a pickle, not a PyTorch checkpoint: mcl-export's detectron2 and detectron2_c4 formats "
+                "write these for detectron2, and this library does not read them back; pass the pretraining "
+                "checkpoint it was exported from, or export another format (see mcl-export --help)"
             ) from error
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({error})") from error
     except Exception as error:  # anything else a foreign or cut file makes the unpickler raise
@@ -167,3 +180,103 @@ def split_loss_hyperparameters(
     if kind is MultiLevelBYOL:
         settings.pop("temperature", None)  # saved, but the regression never used it
     return method, {"_target_": kind.target(), **settings}
+
+
+# What checkpoint_kind returns, and how messages name each kind (the program that writes it).
+CHECKPOINT_KINDS = {
+    "pretraining": "a pretraining checkpoint (written by mcl-train)",
+    "linear probe": "a linear probe checkpoint (written by mcl-linear)",
+    "detector": "a detector checkpoint (written by mcl-finetune)",
+    "export": "a bare weight file (a state dict without training state, as mcl-export writes)",
+    "unknown": "not a checkpoint of this library",
+}
+# The weights of the backbone in a pretraining or linear probe checkpoint (mcl.backbones.Backbone.model).
+BACKBONE_WEIGHTS = "backbone.model."
+# What each entry point's checkpoint input takes ("mcl-finetune" is its ckpt_path, the resume of fine-tuning).
+CHECKPOINT_INPUTS = {
+    "mcl-train": "mcl-train ckpt_path=... resumes pretraining from its own checkpoints (checkpoints/last.ckpt of a "
+    "pretraining run)",
+    "mcl-linear": "mcl-linear checkpoint=... trains a linear probe on the backbone of a pretraining checkpoint "
+    "(checkpoints/last.ckpt or the best checkpoint of an mcl-train run)",
+    "mcl-finetune": "mcl-finetune ckpt_path=... resumes fine-tuning from its own checkpoints (checkpoints/last.ckpt of "
+    "an mcl-finetune run)",
+    "mcl-finetune model.pretrained": "mcl-finetune model.pretrained=... starts a detector from a pretraining "
+    "checkpoint (checkpoints/last.ckpt of an mcl-train run) or from mcl-export's fasterrcnn_v2, retinanet_v2 or "
+    "fasterrcnn_c4 file",
+    "mcl-export": "mcl-export exports a pretraining checkpoint (checkpoints/last.ckpt or the best checkpoint of an "
+    "mcl-train run)",
+}
+
+
+def checkpoint_kind(checkpoint: Mapping[str, Any]) -> str:
+    """Which program wrote a checkpoint dictionary, from its keys alone (it may be read with ``map_location="meta"``):
+
+    - ``"pretraining"``: ``mcl-train`` (a Lightning checkpoint of :class:`mcl.methods.MCL` or
+      :class:`mcl.methods.SupervisedMultiLevel`): ``backbone.model.*`` weights beside others (the pyramid, the tile
+      head) and the method's ``hyper_parameters`` (their ``backbone``).
+    - ``"linear probe"``: ``mcl-linear`` (:class:`mcl.linear.LinearProbe`): ``backbone.model.*`` and ``classifier.*``
+      weights and nothing else (no saved hyper-parameters either).
+    - ``"detector"``: ``mcl-finetune`` (:class:`mcl.detection.finetune.DetectionModule`): ``detector.*`` weights.
+    - ``"export"``: a bare state dict (tensor values, no ``state_dict`` key), as ``mcl-export`` writes for its
+      torchvision, timm and torchvision detector formats, or its detectron2 dictionary (``model`` and
+      ``__author__: "mcl"``). Another library's state dict has the same form.
+    - ``"unknown"``: anything else.
+    """
+    state = checkpoint.get("state_dict")
+    if isinstance(state, Mapping):
+        keys = [str(key) for key in state]
+        if keys and all(key.startswith("detector.") for key in keys):
+            return "detector"
+        if any(key.startswith(BACKBONE_WEIGHTS) for key in keys):
+            classifier = [key for key in keys if key.startswith("classifier.")]
+            if classifier and all(key.startswith((BACKBONE_WEIGHTS, "classifier.")) for key in keys):
+                return "linear probe"
+            hparams = checkpoint.get("hyper_parameters")
+            if isinstance(hparams, Mapping) and "backbone" in hparams:
+                return "pretraining"
+        return "unknown"
+    if checkpoint.get("__author__") == "mcl" and isinstance(checkpoint.get("model"), Mapping):
+        return "export"
+    if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        return "export"
+    return "unknown"
+
+
+def check_checkpoint_kind(
+    checkpoint: Mapping[str, Any], path: str | Path, expected: str | Sequence[str], entry_point: str
+) -> str:
+    """Return the :func:`checkpoint_kind` of ``checkpoint`` (read from ``path``) when it is ``expected`` (one kind or
+    several); otherwise raise :class:`CheckpointKindError` saying what the file is, what ``entry_point`` takes (a
+    key of :data:`CHECKPOINT_INPUTS`, e.g. ``"mcl-train"``) and what the file can be used for instead.
+
+    Example: ``check_checkpoint_kind(load_checkpoint(path, map_location="meta"), path, "pretraining", "mcl-train")``.
+    """
+    wanted = (expected,) if isinstance(expected, str) else tuple(expected)
+    unknown = [kind for kind in wanted if kind not in CHECKPOINT_KINDS]
+    if unknown:
+        raise ValueError(f"expected={unknown} names no checkpoint kind: use some of {list(CHECKPOINT_KINDS)}")
+    kind = checkpoint_kind(checkpoint)
+    if kind in wanted:
+        return kind
+    found = CHECKPOINT_KINDS[kind]
+    if kind == "unknown":
+        keys = ", ".join(map(str, list(checkpoint)[:8])) or "none"
+        found += f" (its top-level keys: {keys})"
+    needed = " or ".join(CHECKPOINT_KINDS[name].split(" (")[0] for name in wanted)
+    usage = CHECKPOINT_INPUTS.get(entry_point, f"{entry_point} takes {needed}")
+    raise CheckpointKindError(f"{path} is {found}, not {needed}: {usage}; {_other_uses(kind, path)}")
+
+
+def _other_uses(kind: str, path: str | Path) -> str:
+    """What a checkpoint of ``kind`` at ``path`` is for, for :func:`check_checkpoint_kind`'s messages."""
+    return {
+        "pretraining": f"to resume its pretraining use mcl-train ckpt_path={path}, to evaluate its backbone "
+        f"mcl-linear checkpoint={path}, to fine-tune a detector from it mcl-finetune model.pretrained={path}",
+        "linear probe": "a linear probe holds a frozen backbone and a classifier: to fine-tune or evaluate, pass the "
+        "pretraining checkpoint it was trained from (the checkpoint=... in its run's .hydra/config.yaml)",
+        "detector": f"to resume its fine-tuning use mcl-finetune ckpt_path={path} with the settings of its run; to "
+        "start a detector from pretrained weights, pass the pretraining checkpoint as model.pretrained",
+        "export": "a bare weight file has no training state or settings to resume from: pass the pretraining "
+        "checkpoint it was exported from (mcl-finetune model.pretrained also takes mcl-export's detector formats)",
+        "unknown": "pass a checkpoint written by mcl-train, mcl-linear or mcl-finetune (checkpoints/*.ckpt of a run)",
+    }[kind]

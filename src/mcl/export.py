@@ -16,30 +16,32 @@ from typing import Any
 
 import torch
 
-from mcl.checkpoints import CheckpointError, atomic_save, load_checkpoint
+from mcl.checkpoints import (
+    BACKBONE_WEIGHTS,
+    CheckpointError,
+    CheckpointKindError,
+    atomic_save,
+    check_checkpoint_kind,
+    load_checkpoint,
+)
 from mcl.runs import replaced_atomically
 
 FORMATS = ("timm", "torchvision", "fasterrcnn_v2", "retinanet_v2", "detectron2", "fasterrcnn_c4", "detectron2_c4")
 # Formats written as a detectron2 pickle rather than a torch state dict.
 PICKLE_FORMATS = ("detectron2", "detectron2_c4")
-BACKBONE_PREFIX = "backbone.model."
+BACKBONE_PREFIX = BACKBONE_WEIGHTS  # the backbone's weights in a pretraining checkpoint
 
 
-class CheckpointKindError(CheckpointError):
-    """A file that is not a pretraining checkpoint of this library, or a backbone a format cannot hold."""
-
-
-def load_pretraining_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The ``(state_dict, hyper_parameters)`` of an ``mcl`` pretraining checkpoint, or a clear error."""
+def load_pretraining_checkpoint(
+    path: str | Path, entry_point: str = "mcl-export"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The ``(state_dict, hyper_parameters)`` of an ``mcl`` pretraining checkpoint; another kind of file (a linear
+    probe, a detector, an export, a foreign file) is refused with a :class:`CheckpointKindError` that says what it is
+    and what ``entry_point`` (see :data:`mcl.checkpoints.CHECKPOINT_INPUTS`) takes instead."""
     path = Path(path)
     checkpoint = load_checkpoint(path)
-    state, hparams = checkpoint.get("state_dict"), checkpoint.get("hyper_parameters")
-    if not state or not hparams or not any(k.startswith(BACKBONE_PREFIX) for k in state):
-        raise CheckpointKindError(
-            f"{path} is not an mcl pretraining checkpoint (a Lightning checkpoint of mcl.methods.MCL or "
-            "SupervisedMultiLevel with backbone.model.* weights); pass the last.ckpt or best checkpoint of mcl-train"
-        )
-    return state, hparams
+    check_checkpoint_kind(checkpoint, path, "pretraining", entry_point)
+    return checkpoint["state_dict"], checkpoint["hyper_parameters"]
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

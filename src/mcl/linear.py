@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 
 def frozen_backbone(checkpoint: str) -> tuple[Backbone, dict[str, Any]]:
-    """The pretrained backbone of an ``mcl-train`` checkpoint, frozen, and the checkpoint's hyper-parameters."""
-    state, hparams = load_pretraining_checkpoint(checkpoint)
+    """The pretrained backbone of an ``mcl-train`` checkpoint, frozen, and the checkpoint's hyper-parameters. Another
+    kind of checkpoint (a linear probe, a detector, an export) is refused with what to pass instead."""
+    state, hparams = load_pretraining_checkpoint(checkpoint, entry_point="mcl-linear")
     backbone = Backbone(**hparams["backbone"], image_size=hparams["image_size"])
     backbone.model.load_state_dict(backbone_state(state))
     for parameter in backbone.parameters():

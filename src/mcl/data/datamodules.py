@@ -34,6 +34,7 @@ from mcl.data.sources import (
     ImageFolderImages,
     MissingDatasetError,
     TensorImages,
+    describe_folders,
     load_fashion_mnist,
     synthetic_images,
 )
@@ -269,6 +270,8 @@ class MultiLevelDataModule(pl.LightningDataModule):
             if len(dataset) == 0:
                 raise MissingDatasetError(f"the {name} set of {type(self).__name__} is empty")
         train = splits["training"]
+        if isinstance(train, ImageFiles):
+            train.check_readable()  # no readable file at all: say so, rather than suggest a smaller batch
         if len(train) < self.batch_size:
             raise ValueError(
                 f"the training set has {len(train)} images, fewer than data.batch_size={self.batch_size}: "
@@ -408,9 +411,11 @@ class FolderDataModule(MultiLevelDataModule):
         self.train_images = self.train_set.dataset
 
     def data_report(self) -> dict[str, float]:
-        """Logs ``skipped N unreadable images of M`` and returns ``{"data/skipped_images": N}``, ``M`` being the
-        training images. With several ranks, each reads its own share of the images: the count is over all of them
-        (every rank must call this)."""
+        """Logs ``skipped N unreadable images of M`` (and ``; K folder(s) could not be listed: ...`` when sub-folders
+        of the root could not be listed and were left out) and returns ``{"data/skipped_images": N,
+        "data/skipped_folders": K}``, ``M`` being the training images found. With several ranks, each reads its own
+        share of the images: the count is over all of them (every rank must call this); every rank lists the same
+        folders."""
         if self.train_images is None:
             return {}
         flags = self.train_images.unreadable
@@ -419,6 +424,16 @@ class FolderDataModule(MultiLevelDataModule):
             strategy = trainer.strategy
             flags = strategy.reduce(flags.to(strategy.root_device, torch.int32), reduce_op="sum").cpu() > 0
         skipped, total = int(flags.sum()), len(flags)
+        folders = self.train_images.unlistable_folders
         if trainer is None or trainer.is_global_zero:
-            (log.warning if skipped else log.info)("skipped %d unreadable images of %d", skipped, total)
-        return {"data/skipped_images": float(skipped)}
+            if folders:
+                log.warning(
+                    "skipped %d unreadable images of %d; %d folder(s) could not be listed: %s",
+                    skipped,
+                    total,
+                    len(folders),
+                    describe_folders(folders),
+                )
+            else:
+                (log.warning if skipped else log.info)("skipped %d unreadable images of %d", skipped, total)
+        return {"data/skipped_images": float(skipped), "data/skipped_folders": float(len(folders))}

@@ -5,6 +5,7 @@ Unlabelled sources (:class:`ImageFiles`) give the label ``UNLABELLED`` (-1).
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import os
 import struct
@@ -202,17 +203,51 @@ def decode_image(path: str | Path) -> torch.Tensor:
         raise UnreadableImageError(f"unreadable image {path}: {cause}") from error
 
 
-def find_images(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+class UnlistableFolderError(OSError):
+    """Folders under a data root that cannot be listed (no read or search permission, an I/O error), so the images
+    in them cannot be found; the message names them and the cause."""
+
+
+# Unlistable folders named in a message; the others are counted.
+FOLDERS_NAMED = 5
+# ImageFiles.check_readable: files tried, spread over the source, before the others; failures named in its message.
+READABLE_SAMPLE = 8
+FAILURES_NAMED = 3
+
+
+def describe_folders(folders: Sequence[tuple[str | Path, str]]) -> str:
+    """``folder (cause), ...`` for the first :data:`FOLDERS_NAMED` of ``(folder, cause)`` pairs, and how many more."""
+    named = ", ".join(f"{folder} ({cause})" for folder, cause in folders[:FOLDERS_NAMED])
+    more = len(folders) - FOLDERS_NAMED
+    return named + (f" and {more} more" if more > 0 else "")
+
+
+def find_images(
+    root: str | Path,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    unlistable: list[tuple[Path, str]] | None = None,
+) -> list[Path]:
     """The image files under the folder ``root``, in every sub-folder, in a fixed order: each folder's files sorted by
     name, then its sub-folders in name order (depth first).
 
     A file counts when its extension, in lower case, is one of ``extensions``. Names starting with ``.`` (hidden
     files and folders, macOS ``._*`` files) are left out. Linked folders are followed, each real folder once.
+
+    A folder that cannot be listed (``root`` or any sub-folder: no read or search permission, an I/O error) cannot
+    be searched. ``os.walk`` would pass over it in silence; here its ``(folder, cause)`` is appended to
+    ``unlistable`` when a list is given (the search goes on with the other folders), and without one
+    :class:`UnlistableFolderError` names every such folder once the search is over.
     """
     root = Path(root)
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    failed: list[tuple[Path, str]] = []
+
+    def record(error: OSError) -> None:  # os.walk's onerror: a folder it could not list
+        folder = Path(error.filename) if error.filename is not None else root
+        failed.append((folder, error.strerror or str(error)))
+
+    for folder, subfolders, files in os.walk(root, onerror=record, followlinks=True):
         status = os.stat(folder)
         if (status.st_dev, status.st_ino) in seen:  # a link back to a folder already searched
             subfolders.clear()
@@ -224,6 +259,13 @@ def find_images(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) 
             for name in sorted(files)
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
         ]
+    if unlistable is not None:
+        unlistable += failed
+    elif failed:
+        raise UnlistableFolderError(
+            f"{len(failed)} folder(s) under {root} cannot be listed, so the images in them cannot be found: "
+            f"{describe_folders(failed)}. Make them readable (e.g. chmod -R u+rX <folder>) or move them out of {root}"
+        )
     return found
 
 
@@ -262,9 +304,19 @@ class ImageFiles(Dataset):
       warning line naming the file and the error) across workers and epochs, never read again, and counted by
       :attr:`num_unreadable` in the main process. Two workers that read the same bad file at the very same time may
       both log it. When no file can be read at all, :class:`MissingDatasetError` is raised.
+
+    :meth:`from_root` handles a sub-folder that cannot be listed (permissions) by the same setting: ``"fail"`` stops
+    with :class:`UnlistableFolderError` naming it, ``"skip"`` warns once and keeps its ``(folder, cause)`` in
+    :attr:`unlistable_folders`, for the data report. :meth:`check_readable` stops before training when no file reads.
     """
 
-    def __init__(self, paths: Iterable[str | Path], on_corrupt: str = "skip", source: str = "the image list"):
+    def __init__(
+        self,
+        paths: Iterable[str | Path],
+        on_corrupt: str = "skip",
+        source: str = "the image list",
+        unlistable_folders: Sequence[tuple[str | Path, str]] = (),
+    ):
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"data.on_corrupt={on_corrupt!r} is invalid: use one of {ON_CORRUPT}")
         check_truncated_images_raise()
@@ -274,21 +326,47 @@ class ImageFiles(Dataset):
         self.on_corrupt = on_corrupt
         self.source = source
         self.unreadable = torch.zeros(len(encoded), dtype=torch.bool).share_memory_()
+        # Folders under the root that could not be listed (on_corrupt=skip), as (folder, cause): their images are not
+        # among the paths, and the data report counts them.
+        self.unlistable_folders = [(str(folder), cause) for folder, cause in unlistable_folders]
 
     @classmethod
     def from_root(cls, root: str | Path, on_corrupt: str = "skip") -> ImageFiles:
         """Every image under the folder ``root`` (:func:`find_images`), or every path listed in the text file
-        ``root`` (:func:`read_image_list`); :class:`MissingDatasetError` when it does not exist or names none."""
+        ``root`` (:func:`read_image_list`); :class:`MissingDatasetError` when it does not exist or names none.
+
+        Sub-folders that cannot be listed: with ``on_corrupt="fail"`` an :class:`UnlistableFolderError` naming them;
+        with ``"skip"`` one warning naming them (and their count), and the images found elsewhere are used. A root
+        that cannot be listed at all is an error either way."""
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"data.on_corrupt={on_corrupt!r} is invalid: use one of {ON_CORRUPT}")
         root = Path(root).expanduser()
         if root.is_dir():
-            paths = find_images(root)
+            unlistable: list[tuple[Path, str]] = []
+            paths = find_images(root, unlistable=unlistable)
+            if unlistable and (on_corrupt == "fail" or not paths):
+                found = f"{len(paths)} image(s) found in the folders that could be listed"
+                skip = "" if not paths else ", or set data.on_corrupt=skip to train without them"
+                raise UnlistableFolderError(
+                    f"data.root={root}: {len(unlistable)} folder(s) cannot be listed, so the images in them cannot be "
+                    f"found ({found}): {describe_folders(unlistable)}. Make them readable (e.g. chmod -R u+rX "
+                    f"<folder>) or move them out of data.root{skip}"
+                )
+            if unlistable:
+                log.warning(
+                    "data.root=%s: %d folder(s) cannot be listed and are left out, with the images in them "
+                    "(data.on_corrupt=skip; make them readable, e.g. chmod -R u+rX <folder>, to use them): %s",
+                    root,
+                    len(unlistable),
+                    describe_folders(unlistable),
+                )
             if not paths:
                 raise MissingDatasetError(
                     f"{root} holds no images: looked for {', '.join(IMAGE_EXTENSIONS)} files (in any case) in it and "
                     "its sub-folders, leaving out hidden ones (names starting with '.'). Point data.root at a folder "
                     "of images, or list the files in a text file and point data.root at it"
                 )
-            return cls(paths, on_corrupt, source=str(root))
+            return cls(paths, on_corrupt, source=str(root), unlistable_folders=unlistable)
         if root.is_file():
             paths = read_image_list(root)
             if not paths:
@@ -310,12 +388,41 @@ class ImageFiles(Dataset):
 
     def select(self, indices: Sequence[int]) -> ImageFiles:
         """A source of the files at ``indices`` only (with flags of its own), e.g. a fixed training subset."""
-        return ImageFiles((self.path(i) for i in indices), self.on_corrupt, self.source)
+        return ImageFiles((self.path(i) for i in indices), self.on_corrupt, self.source, self.unlistable_folders)
 
     @property
     def num_unreadable(self) -> int:
         """Files found unreadable so far, by this process and its DataLoader workers."""
         return int(self.unreadable.sum())
+
+    def check_readable(self, sample: int = READABLE_SAMPLE) -> None:
+        """Stop at set-up, rather than in the first batch, when not one file can be read.
+
+        Decodes up to ``sample`` files spread evenly over the source; the first that reads ends the check (usually
+        the first one tried). Only when all of them fail are the other files tried, in order, until one reads. When
+        none does, :class:`MissingDatasetError` says so with the number of files tried and the first causes. Files
+        found unreadable here are neither flagged nor logged: reading them during training does that.
+        """
+        size = len(self)
+        spread = sorted({index * size // min(sample, size) for index in range(min(sample, size))})
+        tried = set(spread)
+        rest = (index for index in range(size) if index not in tried)
+        failures: list[str] = []
+        for index in itertools.chain(spread, rest):
+            try:
+                decode_image(self.path(index))
+            except UnreadableImageError as error:
+                failures.append(str(error).removeprefix("unreadable image "))
+                continue
+            return
+        if not failures:
+            return
+        raise MissingDatasetError(
+            f"no readable image in {self.source}: {len(failures)} file(s) tried, none could be decoded, e.g. "
+            + "; ".join(failures[:FAILURES_NAMED])
+            + ". Replace or remove the broken files, or point data.root at readable images (a smaller batch size "
+            "would not help)"
+        )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if self.on_corrupt == "fail":

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from mcl.detection.coco import read_annotation_file
 from mcl.detection.fashion_canvas import object_scale_spread
 
 
@@ -104,7 +105,7 @@ def scale_spread_figure(annotation_files: Mapping[str, str | Path]) -> Figure:
     figure = Figure(figsize=(6, 4), layout="tight")
     axis = figure.subplots()
     for name, path in annotation_files.items():
-        scales = np.sqrt([a["area"] for a in json.loads(Path(path).read_text())["annotations"]])
+        scales = np.sqrt([a["area"] for a in read_annotation_file(path, ("annotations",))["annotations"]])
         spread = object_scale_spread(path)
         axis.hist(scales, bins=30, alpha=0.6, label=f"{name} (std {spread['std']:.1f} px)")
     axis.set(xlabel="object scale sqrt(area) (px)", ylabel="objects", title="object scale spread")

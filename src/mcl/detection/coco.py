@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,70 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 THIRD_NAMES = ("APs3", "APm3", "APl3")
 
 
-def quiet_coco(annotation_file: str | Path) -> COCO:
+class AnnotationFileError(ValueError):
+    """An annotation file that is not COCO-format JSON; the message names the file and what is wrong with it."""
+
+
+def json_folder_contents(folder: Path) -> str:
+    """What a folder an annotation file was looked for in holds: its ``.json`` files, none, or that it is missing."""
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    found = sorted(path.name for path in folder.glob("*.json"))
+    return f"{folder} holds {', '.join(found[:10])}" if found else f"{folder} holds no .json file"
+
+
+def read_annotation_file(annotation_file: str | Path, required: Sequence[str] = ("images",)) -> dict[str, Any]:
+    """The JSON object of a COCO-format annotation file, holding at least the ``required`` top-level keys.
+
+    Every failure names the file: :class:`~mcl.data.sources.MissingDatasetError` when it does not exist (with what
+    its folder holds), :class:`AnnotationFileError` when it cannot be read, is not JSON (with the line and column
+    where parsing stopped), or is JSON of another shape.
+    """
     path = Path(annotation_file)
     if not path.is_file():
-        raise MissingDatasetError(f"COCO annotation file {path} does not exist")
+        raise MissingDatasetError(f"COCO annotation file {path} does not exist: {json_folder_contents(path.parent)}")
+    try:
+        data = json.loads(path.read_bytes())
+    except json.JSONDecodeError as error:
+        raise AnnotationFileError(
+            f"{path} is not a COCO annotation file: its JSON breaks off or is malformed at line {error.lineno}, "
+            f"column {error.colno} ({error.msg}); rewrite the file (e.g. regenerate it) or point to another one"
+        ) from error
+    except UnicodeDecodeError as error:
+        raise AnnotationFileError(
+            f"{path} is not a COCO annotation file: it is not UTF-8 text ({error}); point to the JSON file"
+        ) from error
+    except OSError as error:
+        raise AnnotationFileError(f"{path} cannot be read ({error}); check its permissions") from error
+    if not isinstance(data, dict):
+        raise AnnotationFileError(
+            f"{path} is not a COCO annotation file: it holds a JSON {type(data).__name__}, not an object with "
+            f"{', '.join(repr(key) for key in required)}"
+        )
+    missing = [key for key in required if not isinstance(data.get(key), list)]
+    if missing:
+        raise AnnotationFileError(
+            f"{path} is not a COCO annotation file: it has no {', '.join(repr(key) for key in missing)} list "
+            f"(its top-level keys: {', '.join(map(str, data)) or 'none'})"
+        )
+    return data
+
+
+def quiet_coco(annotation_file: str | Path) -> COCO:
+    """A pycocotools ``COCO`` index of an annotation file (read by :func:`read_annotation_file`), without the lines
+    pycocotools prints; errors name the file."""
+    path = Path(annotation_file)
+    coco = COCO()
+    coco.dataset = read_annotation_file(path)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as error:
-        raise ValueError(f"{path} is not a COCO annotation file ({type(error).__name__}: {error})") from error
+            coco.createIndex()
+    except (KeyError, TypeError, AttributeError) as error:
+        raise AnnotationFileError(
+            f"{path} is not a COCO annotation file: an image, annotation or category lacks a field or has the wrong "
+            f"type ({type(error).__name__}: {error})"
+        ) from error
+    return coco
 
 
 class CocoDetection(Dataset):
@@ -56,8 +112,14 @@ class CocoDetection(Dataset):
         self.ids = sorted(self.coco.getImgIds())
         self.masks = masks
         self.train = train
-        self.check_images(annotation_file)
-        self.check_boxes(annotation_file, drop_degenerate_boxes)
+        try:
+            self.check_images(annotation_file)
+            self.check_boxes(annotation_file, drop_degenerate_boxes)
+        except (KeyError, TypeError) as error:
+            raise AnnotationFileError(
+                f"{annotation_file} is not a COCO annotation file: an image lacks its file_name or an annotation its "
+                f"bbox, or one has the wrong type ({type(error).__name__}: {error})"
+            ) from error
 
     def check_images(self, annotation_file: str | Path) -> None:
         """Every image the annotations list must exist, found now rather than during the first epoch."""
@@ -124,7 +186,7 @@ def split_annotations(
     written to ``output_dir``; both keep the categories and refer to the same image folder."""
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction={heldout_fraction} is invalid: it must lie strictly between 0 and 1")
-    coco = json.loads(Path(annotation_file).read_text())
+    coco = read_annotation_file(annotation_file, ("images", "annotations"))
     images = coco["images"]
     count = round(len(images) * heldout_fraction)
     if not 0 < count < len(images):

@@ -18,6 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mcl.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_fashion_mnist
+from mcl.detection.coco import read_annotation_file
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def build_fashion_canvas(
 
 def object_scale_spread(annotation_file: str | Path) -> dict[str, float]:
     """Spread of object scales (``sqrt(area)`` in pixels) of a COCO-format file: the paper's Fig. 5 statistic."""
-    annotations = json.loads(Path(annotation_file).read_text())["annotations"]
+    annotations = read_annotation_file(annotation_file, ("annotations",))["annotations"]
     if not annotations:
         raise ValueError(f"{annotation_file} has no annotations")
     scales = np.sqrt([a["area"] for a in annotations])

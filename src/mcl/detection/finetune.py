@@ -20,13 +20,18 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from mcl.checkpoints import check_checkpoint_kind, load_checkpoint
+from mcl.data.sources import MissingDatasetError
 from mcl.detection.coco import (
     STAT_NAMES,
     THIRD_NAMES,
+    AnnotationFileError,
     CocoDetection,
     area_thirds,
     coco_evaluate,
     collate,
+    json_folder_contents,
+    read_annotation_file,
     to_coco_results,
 )
 from mcl.detection.models import MASK_ARCHITECTURES, build_detector, load_pretrained
@@ -166,17 +171,57 @@ DETECTOR_OPTIONS = (
 )  # fmt: skip
 
 
-def num_classes_of(annotation_file: str) -> int:
-    """Category ids are used as labels, so the head needs ``max id + 1`` outputs (0 is the background)."""
-    categories = json.loads(Path(annotation_file).read_text())["categories"]
-    return max(c["id"] for c in categories) + 1
+def num_classes_of(annotation_file: str | Path, data: dict[str, Any] | None = None) -> int:
+    """Category ids are used as labels, so the head needs ``max id + 1`` outputs (0 is the background). ``data``: the
+    file's JSON when it was read already."""
+    data = read_annotation_file(annotation_file, ("categories",)) if data is None else data
+    try:
+        ids = [int(category["id"]) for category in data.get("categories") or ()]
+    except (KeyError, TypeError, ValueError) as error:
+        raise AnnotationFileError(
+            f"{annotation_file}: a category has no integer 'id' ({type(error).__name__}: {error}); fix the file"
+        ) from error
+    if not ids:
+        raise AnnotationFileError(
+            f"{annotation_file} lists no categories, so the number of classes is unknown: add its 'categories' or "
+            "set model.num_classes"
+        )
+    return max(ids) + 1
+
+
+# The data keys of mcl-finetune's annotation files, and the file each names by default under data.root.
+ANNOTATION_KEYS = {"train_annotations": "annotations/train.json", "val_annotations": "annotations/val.json"}
+
+
+def check_annotation_files(data: DictConfig) -> None:
+    """Stop before anything is built when ``data.train_annotations`` or ``data.val_annotations`` is not a file: the
+    message names the keys and paths, what the folder looked in holds, and the layout expected under ``data.root``."""
+    missing = {key: Path(data[key]) for key in ANNOTATION_KEYS if not Path(data[key]).is_file()}
+    if not missing:
+        return
+    named = ", ".join(f"data.{key}={path}" for key, path in missing.items())
+    looked = [json_folder_contents(folder) for folder in sorted({path.parent for path in missing.values()})]
+    expected = " and ".join(ANNOTATION_KEYS.values())
+    raise MissingDatasetError(
+        f"COCO annotation file(s) not found: {named}. Looked in: {'; '.join(looked)}. mcl-finetune expects "
+        f"data.root (now {data.get('root')}) to hold train/, val/ and {expected}; point data.root at such a "
+        "dataset, or set data.train_annotations and data.val_annotations to your files"
+    )
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Build, load, fine-tune and evaluate; returns ``val/AP``-style metrics and ``ap_by_iou`` (per IoU threshold)."""
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("ckpt_path"):
+        check_checkpoint_kind(
+            load_checkpoint(cfg.ckpt_path, map_location="meta"), cfg.ckpt_path, "detector", "mcl-finetune"
+        )
+    check_annotation_files(cfg.data)
     masks = cfg.model.arch in MASK_ARCHITECTURES
-    num_classes = cfg.model.num_classes or num_classes_of(cfg.data.train_annotations)
+    drop = bool(cfg.data.get("drop_degenerate_boxes", False))
+    train_set = CocoDetection(cfg.data.train_images, cfg.data.train_annotations, masks, True, drop)
+    val_set = CocoDetection(cfg.data.val_images, cfg.data.val_annotations, masks, drop_degenerate_boxes=drop)
+    num_classes = cfg.model.num_classes or num_classes_of(cfg.data.train_annotations, train_set.coco.dataset)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     options = {key: model[key] for key in DETECTOR_OPTIONS if key in model}
     detector = build_detector(cfg.model.arch, cfg.model.backbone, num_classes, **options)

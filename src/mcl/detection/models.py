@@ -266,15 +266,17 @@ def build_detector(
 def load_pretrained(detector: nn.Module, arch: str, weights: str | Path) -> list[str]:
     """Load an ``mcl-train`` checkpoint (converted here) or an ``mcl-export`` file; return the missing keys.
 
-    Unexpected keys are an error: they mean the weights were made for another architecture.
+    Another kind of checkpoint (a linear probe, a detector: resume those with ``ckpt_path``) is refused with what it
+    is. Unexpected keys are an error: they mean the weights were made for another architecture.
     """
-    from mcl.checkpoints import load_checkpoint
-    from mcl.export import EXPORTERS, load_pretraining_checkpoint
+    from mcl.checkpoints import check_checkpoint_kind, load_checkpoint
+    from mcl.export import EXPORTERS
 
     path = Path(weights)
     state = load_checkpoint(path)
-    if "state_dict" in state:
-        state = EXPORTERS[EXPORT_FORMAT[arch]](*load_pretraining_checkpoint(path))
+    kind = check_checkpoint_kind(state, path, ("pretraining", "export"), "mcl-finetune model.pretrained")
+    if kind == "pretraining":
+        state = EXPORTERS[EXPORT_FORMAT[arch]](state["state_dict"], state["hyper_parameters"])
     try:
         result = detector.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches: another backbone depth or width

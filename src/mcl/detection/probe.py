@@ -15,7 +15,6 @@ stride (pretraining that always shows objects at the same place teaches nothing 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from mcl.backbones import Backbone
+from mcl.detection.coco import read_annotation_file
 from mcl.linear import feature_probe_top1
 
 PLACES = ("in_place", "centred", "moved")
@@ -35,7 +35,7 @@ def read_objects(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The images ``(N, 3, H, W)`` normalised with ``mean``/``std``, the boxes ``(M, 5)`` as ``[image index, x0,
     y0, x1, y1]`` and the 0-based labels ``(M,)`` (COCO category id - 1) of a COCO-format set of equal-size images."""
-    coco = json.loads(Path(annotation_file).read_text())
+    coco = read_annotation_file(annotation_file, ("images", "annotations"))
     index = {image["id"]: i for i, image in enumerate(coco["images"])}
     images = [
         torch.from_numpy(np.array(Image.open(Path(image_dir) / image["file_name"]).convert("RGB")))
