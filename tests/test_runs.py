@@ -1,7 +1,11 @@
 """Run folders that never lose or mix results: reruns, locks, divergence, resumes and unreadable checkpoints."""
 
+import errno
 import json
 import logging
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -10,9 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcl.checkpoints import load_checkpoint
-from mcl.methods.base import MultiLevelModule
-from mcl.runs import LOCK_FILE, STATE_FILE, RunFolderBusy, RunLock, read_json, write_json
+from mcl.checkpoints import LastCheckpoint, load_checkpoint
+from mcl.interrupts import RunInterrupted
+from mcl.runs import (
+    LOCK_FILE,
+    MIB,
+    STATE_FILE,
+    NoSpaceLeft,
+    RunFolderBusy,
+    RunLock,
+    RunLogFile,
+    open_run_logs,
+    read_json,
+    remove_stale_temporaries,
+    replaced_atomically,
+    write_json,
+)
 from mcl.train import train
 
 from .conftest import compose_train
@@ -49,6 +66,60 @@ def test_write_json_replaces_whole_files(tmp_path):
     assert read_json(path) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
+def test_only_this_librarys_stale_temporary_files_are_removed(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    stale = [tmp_path / "checkpoints" / ".last.ckpt.4242.tmp", tmp_path / ".run.json.17.tmp"]
+    kept = [tmp_path / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / ".last.ckpt.tmp", tmp_path / "x.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert [p for p in stale + kept if p.exists()] == kept
+
+
+def test_a_full_device_is_named_with_the_file_the_space_free_and_needed(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"0" * 3 * MIB)  # the previous checkpoint: about what the new one needs
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100 * MIB, 99 * MIB, MIB // 2))
+    with pytest.raises(NoSpaceLeft) as error, replaced_atomically(target) as temporary:
+        temporary.write_bytes(b"1" * MIB)
+        raise RuntimeError("[enforce fail at inline_container.cc:603] unexpected pos; basic_ios::clear: iostream error")
+    message = str(error.value)
+    assert error.value.errno == errno.ENOSPC
+    assert f"device of {tmp_path} while writing last.ckpt: 1.0 MiB written, 0.5 MiB free" in message
+    assert "it needs about 3.0 MiB" in message and "The previous last.ckpt (if any) is unchanged" in message
+    assert target.read_bytes() == b"0" * 3 * MIB and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    # The same library error on a device with room left is not called a full disk.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100 * MIB, MIB, 99 * MIB))
+    with pytest.raises(RuntimeError, match="iostream error"), replaced_atomically(target):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+
+def test_a_folder_that_cannot_be_written_is_named_before_anything_else(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(PermissionError, match=f"the run folder {tmp_path} cannot be written \\(Permission denied\\)"):
+        RunLock(tmp_path).acquire()
+
+
+def test_the_run_log_holds_its_lines_until_the_run_owns_the_folder(tmp_path):
+    handler = RunLogFile(tmp_path / "train.log")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("mcl.test_run_log")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        logger.warning("before %d", 1)
+        assert not (tmp_path / "train.log").exists()  # a refused run leaves no trace
+        assert open_run_logs() == [tmp_path / "train.log"]
+        logger.warning("after")
+        assert (tmp_path / "train.log").read_text() == "WARNING before 1\nWARNING after\n"
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 @pytest.mark.slow
 def test_finished_run_rerun_does_nothing_and_more_epochs_continue(tiny_cfg, caplog):
     cfg = tiny_cfg("validate_at_init=true")
@@ -66,15 +137,32 @@ def test_finished_run_rerun_does_nothing_and_more_epochs_continue(tiny_cfg, capl
     assert read_json(folder / STATE_FILE)["status"] == "finished"
 
 
+FAILING_RERUNS = {
+    "levels=5": "levels=5",
+    "ckpt_path=/nowhere/last.ckpt": "does not exist",
+    "loss.level_weights=[0,0,0]": "every level weight is 0",
+    "batch_size=1": "batch_size=1 on 1 device",
+    "data.num_train=8": "8 images, fewer than data.batch_size=16",
+    "optimizer.lr=0": r"optimizer.lr=0 is out of range: the base learning rate must be a number > 0",
+    "optimizer.momentum=1.5": r"optimizer.momentum=1.5 is out of range: .* in \[0, 1\)",
+    "optimizer.weight_decay=-1": r"optimizer.weight_decay=-1 is out of range: .* >= 0",
+    "seed=-1": r"seed=-1 is out of range: .* integer in \[0, 4294967295\]",
+    "trainer.max_epochs=0": r"trainer.max_epochs=0 is out of range: .* integer >= 1",
+    "method.knn_k=0": r"method.knn_k=0 is out of range: .* integer >= 1",
+    "lr_reference_batch=0": r"lr_reference_batch=0 is out of range: .* > 0 or null",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("override", ["levels=5", "ckpt_path=/nowhere/last.ckpt", "loss.level_weights=[0,0,0]"])
-def test_a_failing_rerun_leaves_every_file_as_it_was(tiny_cfg, override):
+def test_a_failing_rerun_leaves_every_file_as_it_was(tiny_cfg):
+    """Every check (config values, the model, the data's set-up, the resume) runs before the folder changes."""
     cfg = tiny_cfg("validate_at_init=false")
     train(cfg)
     before = folder_files(Path(cfg.output_dir))
-    with pytest.raises(Exception, match="levels=5|does not exist|every level weight is 0"):
-        train(tiny_cfg("validate_at_init=false", "trainer.max_epochs=2", override))
-    assert folder_files(Path(cfg.output_dir)) == before
+    for override, message in FAILING_RERUNS.items():
+        with pytest.raises(Exception, match=message.replace("[0,0,0]", r"\[0,0,0\]")):
+            train(tiny_cfg("validate_at_init=false", "trainer.max_epochs=2", override))
+        assert folder_files(Path(cfg.output_dir)) == before, override
 
 
 @pytest.mark.slow
@@ -147,40 +235,44 @@ def test_a_checkpoint_of_another_architecture_names_the_differences(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, monkeypatch):
-    """A 2-epoch run stopped after its first epoch (as a kill right after the epoch's checkpoint would) and resumed
-    ends with the loss of the same run done in one go: same data order, augmentations, montages and schedule."""
+def test_a_run_stopped_by_signals_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
+    """SIGINT at step 2 and SIGTERM at step 6 of a 2-epoch run (4 steps an epoch): each saves last.ckpt at that step,
+    marks the run interrupted and exits with 128 + the signal; the same command resumes it, and the run ends with the
+    weights of the same run done in one go (same data order and views for the rest of each epoch, montages, schedule).
+    """
     base = ["data=synthetic", "batch_size=16", "logger=none", "validate_at_init=false", "neck.out_channels=16",
             "method.projector_hidden_dim=32", "method.embedding_dim=16", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "trainer.max_epochs=2"]  # fmt: skip
-    straight = train(compose_train(base, output_dir=tmp_path / "straight"))
-    original = MultiLevelModule.on_train_epoch_end
+    train(compose_train(base, output_dir=tmp_path / "straight"))
+    folder = tmp_path / "stopped"
+    original = LastCheckpoint.on_train_batch_end
+    for signum, step in ((signal.SIGINT, 2), (signal.SIGTERM, 6)):
 
-    def stop_after_first_epoch(self):
-        original(self)
-        self.trainer.should_stop = True
+        def signal_at(self, trainer, *args, signum=signum, step=step):
+            original(self, trainer, *args)
+            if trainer.global_step == step:
+                os.kill(os.getpid(), signum)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(MultiLevelModule, "on_train_epoch_end", stop_after_first_epoch)
-        train(compose_train(base, output_dir=tmp_path / "resumed"))
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"] == 4
-    resumed = train(compose_train(base, output_dir=tmp_path / "resumed"))
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"] == 8
-    assert resumed["train/loss"] == pytest.approx(straight["train/loss"], rel=1e-5)
+        with monkeypatch.context() as patch:
+            patch.setattr(LastCheckpoint, "on_train_batch_end", signal_at)
+            with pytest.raises(RunInterrupted) as stopped:
+                train(compose_train(base, output_dir=folder))
+        assert stopped.value.code == 128 + signum
+        assert load_checkpoint(folder / "checkpoints" / "last.ckpt")["global_step"] == step
+        assert read_json(folder / STATE_FILE)["status"] == "interrupted"
+    train(compose_train(base, output_dir=folder))
+    assert read_json(folder / STATE_FILE)["status"] == "finished"
+    resumed = load_checkpoint(folder / "checkpoints" / "last.ckpt")
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == straight["global_step"] == 8
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("backbone.name=resnet5o", "backbone.name='resnet5o' is not a timm model; close timm names: resnet50"),
-        ("batch_size=1", "batch_size=1 on 1 device"),
-        ("loss.level_weights=[0,0,0]", "every level weight is 0"),
-    ],
-)
-def test_configs_that_would_train_nothing_or_crash_late_are_refused(tiny_cfg, override, message):
-    with pytest.raises(Exception, match=message.replace("[", r"\[")):
-        train(tiny_cfg("validate_at_init=false", "data.num_train=16", override))
+def test_a_backbone_name_that_timm_lacks_is_refused_with_close_names(tiny_cfg):
+    with pytest.raises(Exception, match="backbone.name='resnet5o' is not a timm model; close timm names: resnet50"):
+        train(tiny_cfg("validate_at_init=false", "data.num_train=16", "backbone.name=resnet5o"))
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ class LastCheckpoint(pl.Callback):
     def save(self, trainer: pl.Trainer) -> None:
         if trainer.sanity_checking or trainer.global_step == self.saved_step:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state (and no notice that says so)
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:

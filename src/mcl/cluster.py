@@ -38,7 +38,7 @@ def detect_launcher(environ: dict[str, str] | None = None) -> tuple[str, int | N
     return None
 
 
-def _devices_per_node(trainer: DictConfig) -> int | None:
+def devices_per_node(trainer: DictConfig) -> int | None:
     """Processes per node that ``trainer.devices`` asks for, or ``None`` when the node decides (``auto``, ``-1``)."""
     devices = trainer.get("devices", 1)
     if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
@@ -57,7 +57,7 @@ def check_world_size(cfg: DictConfig, environ: dict[str, str] | None = None) -> 
     launcher that started another number of processes than ``num_nodes x devices``. One node needs nothing."""
     trainer = cfg.get("trainer") or {}
     nodes = int(trainer.get("num_nodes", 1) or 1)
-    devices = _devices_per_node(trainer)
+    devices = devices_per_node(trainer)
     launcher = detect_launcher(environ)
     wanted = nodes * devices if devices is not None else None
     if launcher is not None:

@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mcl.backbones import Backbone
 from mcl.export import backbone_state, load_pretraining_checkpoint
 from mcl.optim import warmup_cosine
+from mcl.runs import open_run_logs
 from mcl.runtime import (
     CONFIG_DIR,
     closing_loggers,
@@ -31,6 +32,7 @@ from mcl.runtime import (
     save_metrics,
     scalar_metrics,
 )
+from mcl.validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,8 @@ def linear_eval(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="linear")
 def main(cfg: DictConfig) -> float | None:
+    check_config(cfg)
+    open_run_logs()  # the job's log file (mcl.runs.RunLogFile)
     metrics = linear_eval(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
         print_summary(metrics, ("val/top1", "val/top5", "train/loss"), f"mcl-linear: {cfg.checkpoint}")

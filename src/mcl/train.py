@@ -16,11 +16,20 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from mcl.checkpoints import LAST, load_checkpoint, newest_loadable
+from mcl.checkpoints import LAST, check_checkpoint_kind, load_checkpoint, newest_loadable
 from mcl.cluster import check_world_size
+from mcl.interrupts import Interruptions, SaveOnInterrupt
 from mcl.methods.base import PROGRESS_BAR_LOSS
 from mcl.pyramid import neck_with_defaults
-from mcl.runs import STATE_FILE, RunLock, read_json, replaced_atomically, write_json
+from mcl.runs import (
+    STATE_FILE,
+    RunLock,
+    open_run_logs,
+    read_json,
+    remove_stale_temporaries,
+    replaced_atomically,
+    write_json,
+)
 from mcl.runtime import (
     METRICS_FILE,
     closing_loggers,
@@ -30,6 +39,7 @@ from mcl.runtime import (
     save_metrics,
     scalar_metrics,
 )
+from mcl.validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +50,12 @@ def checkpoint_dir(cfg: DictConfig) -> Path | None:
 
 
 def resume_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path`` (checked to load), or with ``auto_resume`` the job folder's ``last.ckpt`` when one exists (a
-    requeued job); if that one cannot be read, the newest checkpoint of the folder that can, with a warning."""
+    """``ckpt_path`` (checked to load, and to be a pretraining checkpoint), or with ``auto_resume`` the job folder's
+    ``last.ckpt`` when one exists (a requeued job); if that one cannot be read, the newest checkpoint of the folder
+    that can, with a warning."""
     if cfg.get("ckpt_path"):
-        load_checkpoint(cfg.ckpt_path)
+        checkpoint = load_checkpoint(cfg.ckpt_path, map_location="meta")  # metadata only: no tensor data is read
+        check_checkpoint_kind(checkpoint, cfg.ckpt_path, expected="pretraining", entry_point="mcl-train")
         return str(cfg.ckpt_path)
     dirpath = checkpoint_dir(cfg)
     if not cfg.get("auto_resume") or dirpath is None or not any(dirpath.glob("*.ckpt")):
@@ -160,11 +172,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     (``data=folder`` without kNN folders) trains without any validation loop (:func:`check_validation_settings`).
     Counts the datamodule reports (``data/skipped_images``) join the metrics.
 
-    The run folder is owned by one run at a time (:class:`mcl.runs.RunLock`). Nothing in it changes before the
-    config has built a model and data. A rerun of a finished run does nothing and returns its metrics, unless it
-    asks for more epochs (it then continues from ``last.ckpt``); a resumed run keeps the earlier run's metrics that
-    it does not measure again (``init/knn_top1``) and continues its W&B run.
+    The run folder is owned by one run at a time (:class:`mcl.runs.RunLock`). Nothing in it changes before every
+    check has passed: the config's values (:func:`mcl.validation.check_config`), the model and data it builds, the
+    data's own set-up checks (sizes, readable images) and the resume checks; the job's log file opens then too
+    (:class:`mcl.runs.RunLogFile`). A rerun of a finished run does nothing and returns its metrics, unless it asks for
+    more epochs (it then continues from ``last.ckpt``); a resumed run keeps the earlier run's metrics that it does not
+    measure again (``init/knn_top1``) and continues its W&B run.
+
+    SIGTERM or SIGINT saves ``last.ckpt`` at the next step boundary, records the run as ``interrupted`` and raises
+    :class:`mcl.interrupts.RunInterrupted` (exit status 143 or 130); the same command resumes it.
     """
+    check_config(cfg)
     check_world_size(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
@@ -172,17 +190,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model: pl.LightningModule = hydra.utils.instantiate(cfg.method, _convert_="all")
     check_validation_settings(cfg, datamodule)
     lock = RunLock(output_dir) if rank_zero_only.rank == 0 else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        return run_in_folder(cfg, output_dir, datamodule, model)
-    finally:
+    with Interruptions() as interruptions:
         if lock is not None:
-            lock.release()
+            lock.acquire()
+        try:
+            return run_in_folder(cfg, output_dir, datamodule, model, interruptions)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def run_in_folder(
-    cfg: DictConfig, output_dir: Path, datamodule: pl.LightningDataModule, model: pl.LightningModule
+    cfg: DictConfig,
+    output_dir: Path,
+    datamodule: pl.LightningDataModule,
+    model: pl.LightningModule,
+    interruptions: Interruptions,
 ) -> dict[str, float]:
     """The body of :func:`train`, once the run folder is ours."""
     state = read_json(output_dir / STATE_FILE)
@@ -208,35 +231,48 @@ def run_in_folder(
             f"{output_dir} holds the results of an earlier run (status {state.get('status', 'unknown')!r}) and this "
             f"run would not resume it (auto_resume={cfg.get('auto_resume')}); choose another folder to start over"
         )
+    # The data's own checks (sizes against the batch, readable images) run here, before the folder changes; the
+    # Trainer's set-up calls it again, which then does nothing.
+    datamodule.setup("fit")
     wandb_id = state.get("wandb_id") if ckpt_path else None
     if any(is_wandb(logger_cfg) for logger_cfg in (cfg.get("logger") or {}).values()):
         wandb_id = wandb_id or new_wandb_id()
     is_zero = rank_zero_only.rank == 0
 
     def record(status: str) -> None:
-        write_json({"status": status, "max_epochs": max_epochs, "wandb_id": wandb_id}, output_dir / STATE_FILE)
+        try:
+            write_json({"status": status, "max_epochs": max_epochs, "wandb_id": wandb_id}, output_dir / STATE_FILE)
+        except OSError as error:  # e.g. a full disk: the error that stopped the run matters more
+            log.error("could not record the run's status (%s) in %s: %s", status, STATE_FILE, error)
 
     if is_zero:
+        open_run_logs()
+        remove_stale_temporaries(output_dir)
         save_hydra_files(cfg, output_dir)
         record("running")
     # Without validation data the validation loop is off, so Lightning does not warn that it has no loaders.
     validation = {} if validates(datamodule) else {"limit_val_batches": 0}
-    trainer = instantiate_trainer(cfg, wandb_id=wandb_id, **validation)
+    trainer = instantiate_trainer(cfg, wandb_id=wandb_id, extra_callbacks=[SaveOnInterrupt()], **validation)
     metrics: dict[str, float] = dict(previous) if ckpt_path else {}
     try:
         with closing_loggers(trainer):
             if cfg.get("validate_at_init") and not ckpt_path:
-                initial = trainer.validate(model, datamodule=datamodule, verbose=False)
+                with interruptions.trainer_call():
+                    initial = trainer.validate(model, datamodule=datamodule, verbose=False)
                 for results in initial:
                     metrics.update({k.replace("val/", "init/"): v for k, v in scalar_metrics(results).items()})
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            with interruptions.trainer_call():
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
             final = scalar_metrics(trainer.callback_metrics)
             metrics.update({key: value for key, value in final.items() if key != PROGRESS_BAR_LOSS})
             if hasattr(datamodule, "data_report"):
                 metrics.update(datamodule.data_report())
-    except BaseException:
+    except BaseException as error:
+        stop = interruptions.exit_for(error)
         if is_zero:
-            record("failed")
+            record("interrupted" if stop is not None else "failed")
+        if stop is not None:
+            raise stop from error
         raise
     if trainer.is_global_zero:
         save_metrics(metrics, output_dir)

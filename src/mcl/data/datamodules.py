@@ -8,12 +8,14 @@ source without labelled data (:class:`FolderDataModule` without kNN folders) has
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mcl import distributed
@@ -49,30 +51,62 @@ BLUR_P = (1.0, 0.1)
 SOLARIZE_P = (0.0, 0.2)
 
 
+class SeededIndex(int):
+    """A dataset index that carries the seed of the item's random views (:func:`sample_seed`)."""
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> SeededIndex:
+        item = super().__new__(cls, index)
+        item.seed = seed
+        return item
+
+    def __reduce__(self) -> tuple:  # to the DataLoader's worker processes with its seed
+        return (SeededIndex, (int(self), self.seed))
+
+
+def sample_seed(epoch_seed: int, index: int) -> int:
+    """The seed of an item's views in an epoch: a function of ``(seed, epoch, index)`` alone (32 bits, what the CPU
+    generator keeps)."""
+    return (epoch_seed * 2_654_435_761 + index * 40_503 + 1) % 2**32
+
+
 class EpochShuffle(DistributedSampler):
     """A random order that is a function of ``(seed, epoch)`` alone, split between the ranks: Lightning calls
-    :meth:`set_epoch` before each epoch, so a run resumed at an epoch boundary sees the same order as an
-    uninterrupted one. Every rank draws the same order of the whole dataset and takes every ``num_replicas``-th item
-    from its ``rank`` on (the tail that does not divide evenly is left out of the epoch). Being a
-    ``DistributedSampler``, Lightning uses it as it is instead of wrapping it in one of its own (whose epoch would not
-    reach this order).
+    :meth:`set_epoch` before each epoch, so a resumed run sees the same order as an uninterrupted one. Every rank
+    draws the same order of the whole dataset and takes every ``num_replicas``-th item from its ``rank`` on (the tail
+    that does not divide evenly is left out of the epoch). Being a ``DistributedSampler``, Lightning uses it as it is
+    instead of wrapping it in one of its own (whose epoch would not reach this order).
 
-    Starting an epoch also seeds torch's global generators (CPU and CUDA) from ``(seed, epoch, rank)``: augmentations
-    that run in the main process (``num_workers=0``) then repeat exactly after a resume, and what the model draws from
-    them (DropPath in Swin, dropout) differs between ranks. Worker processes are seeded by the DataLoader, so with
-    ``num_workers > 0`` the order repeats and the augmentations are drawn anew.
+    Each index is a :class:`SeededIndex`: :class:`Transformed` draws the item's views from a generator seeded with
+    :func:`sample_seed`, so the views of an item in an epoch are the same whatever the worker, the number of workers
+    or ranks, and whether the run was resumed. :meth:`resume_at` leaves out the items of the batches an interrupted
+    run had trained on, so a run resumed mid-epoch trains on exactly the rest of the epoch.
+
+    Starting an epoch also seeds torch's global generators (CPU and CUDA) from ``(seed, epoch, rank)``: what the model
+    draws from them (DropPath in Swin, dropout) differs between ranks and repeats after a resume at an epoch
+    boundary.
     """
 
     def __init__(self, dataset: Dataset, seed: int, num_replicas: int | None = None, rank: int | None = None):
         num_replicas = distributed.world_size() if num_replicas is None else num_replicas
         rank = distributed.rank() if rank is None else rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, items_done: int) -> None:
+        """Leave out this rank's first ``items_done`` items of ``epoch`` (once), those an interrupted run trained on."""
+        self.resume = (epoch, items_done)
 
     def __iter__(self) -> Iterator[int]:
         seed = self.seed * 1_000_003 + self.epoch
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))
         torch.manual_seed(global_seed(seed, self.rank))
-        return iter(order[self.rank : self.total_size : self.num_replicas].tolist())
+        indices = order[self.rank : self.total_size : self.num_replicas].tolist()
+        if self.resume is not None and self.resume[0] == self.epoch:
+            indices = indices[self.resume[1] :]
+            self.resume = None
+        return iter([SeededIndex(index, sample_seed(seed, index)) for index in indices])
 
 
 def global_seed(epoch_seed: int, rank: int) -> int:
@@ -82,7 +116,8 @@ def global_seed(epoch_seed: int, rank: int) -> int:
 
 
 class Transformed(Dataset):
-    """``(image, label)`` -> ``(transform(image), label)``."""
+    """``(image, label)`` -> ``(transform(image), label)``; for a :class:`SeededIndex`, the transform draws from a
+    CPU generator seeded with the index's seed (the process's own stream is left as it was)."""
 
     def __init__(self, dataset: Dataset, transform: Callable):
         self.dataset = dataset
@@ -93,7 +128,12 @@ class Transformed(Dataset):
 
     def __getitem__(self, index: int):
         image, label = self.dataset[index]
-        return self.transform(image), label
+        seed = getattr(index, "seed", None)
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label
 
 
 def fixed_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
@@ -188,6 +228,7 @@ class MultiLevelDataModule(pl.LightningDataModule):
         self.view_randomness = OwnRandomness()
         self.seed = seed
         self.train_set: Dataset | None = None
+        self.resume_point: tuple[int, int] | None = None
 
     # Subclasses implement this.
     def sources(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
@@ -245,18 +286,39 @@ class MultiLevelDataModule(pl.LightningDataModule):
         """With ``augment_on=device``, turn a training :class:`~mcl.data.device.SourceBatch` (now on the device)
         into ``(views, labels)``, the batch the methods train on; other batches pass unchanged.
 
-        The views draw from a stream of their own, restarted from ``(seed, epoch, rank)`` at each epoch: ranks draw
-        different views (a process's default generators are seeded alike on every rank), and a run resumed at an
-        epoch boundary draws the same views as an uninterrupted one."""
+        The views draw from a stream of their own, restarted from ``(seed, epoch, rank, batch)`` at each batch: ranks
+        draw different views (a process's default generators are seeded alike on every rank), and a resumed run draws
+        the same views as an uninterrupted one."""
         if not isinstance(batch, SourceBatch):
             return batch
         if self.device_views is None:
             self.device_views = self.make_device_views()
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        seed = (self.seed * 1_000_003 + epoch) * 1009 + distributed.rank()
+        epoch, done = self.progress()
+        seed = ((self.seed * 1_000_003 + epoch) * 1009 + distributed.rank()) * 100_003 + done
         with self.view_randomness.use(batch.images.device, seed):
             views = self.device_views(batch)
         return views, batch.labels
+
+    def progress(self) -> tuple[int, int]:
+        """``(epoch, training batches done in it)`` of the Trainer fitting this datamodule (``(0, 0)`` outside)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: where training stood in its epoch (``epoch``, ``batches_done``), so that a resumed run
+        starts the training loader at the right epoch, and from a checkpoint written mid-epoch (``every_n_train_steps``,
+        an interruption) trains on the rest of that epoch only (:meth:`_loader`)."""
+        epoch, done = self.progress()
+        return {"epoch": epoch, "batches_done": done} if done else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resume_point = (int(state_dict["epoch"]), int(state_dict["batches_done"])) if state_dict else None
+        if self.resume_point is not None:
+            # Lightning warns that a mid-epoch resume repeats data unless the loader is resumable: here the sampler
+            # leaves out the batches already trained on (EpochShuffle.resume_at).
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -284,10 +346,20 @@ class MultiLevelDataModule(pl.LightningDataModule):
             self.val_set = Transformed(splits["validation"], evaluate)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        sampler = EpochShuffle(dataset, self.seed) if train else None
+        if sampler is not None and self.resume_point is not None:
+            # Lightning starts a resumed run's loader before it sets the sampler's epoch, and worker processes take
+            # their first indices at once: the sampler must already be at the epoch the run resumes in.
+            epoch, batches_done = self.resume_point
+            if batches_done >= len(sampler) // batch_size:
+                sampler.set_epoch(epoch + 1)
+            else:
+                sampler.set_epoch(epoch)
+                sampler.resume_at(epoch, batches_done * batch_size)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochShuffle(dataset, self.seed) if train else None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

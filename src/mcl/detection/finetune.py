@@ -36,6 +36,7 @@ from mcl.detection.coco import (
 )
 from mcl.detection.models import MASK_ARCHITECTURES, build_detector, load_pretrained
 from mcl.distributed import world_size
+from mcl.runs import open_run_logs
 from mcl.runtime import (
     CONFIG_DIR,
     closing_loggers,
@@ -44,6 +45,7 @@ from mcl.runtime import (
     save_metrics,
     scalar_metrics,
 )
+from mcl.validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +267,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="finetune")
 def main(cfg: DictConfig) -> float | None:
+    check_config(cfg)
+    open_run_logs()  # the job's log file (mcl.runs.RunLogFile)
     metrics = finetune(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
         keys = ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/mask_AP")
