@@ -1,8 +1,11 @@
-"""Fault cases against ``mcl-train``: kills during training and during a checkpoint write, concurrent runs, reruns,
-a damaged ``last.ckpt`` and a diverging resume. Prints how many survived and whether any result was lost.
+"""Fault cases against ``mcl-train`` (and ``mcl-finetune``'s inputs): kills during training and during a checkpoint
+write, SIGTERM and SIGINT mid-epoch, concurrent runs, reruns that fail their checks, a damaged ``last.ckpt``, a
+diverging resume, a full device, a read-only run folder, unreadable images and annotation files. Prints how many
+survived and whether any result was lost.
 
 ``make faults`` (``.venv/bin/python benchmarks/faults.py``); writes ``benchmarks/results/faults.md``. Each case runs
-tiny synthetic jobs in a temporary folder (about 6 minutes in all on 2 CPU cores).
+tiny synthetic jobs in a temporary folder (about 10 minutes in all on 2 CPU cores). The full-device and read-only
+cases mount small tmpfs file systems, which needs root; without it they are reported as not tried.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from mcl.checkpoints import CheckpointError, load_checkpoint
+from mcl.results import job_status
 
 RESULTS = Path(__file__).resolve().parent / "results" / "faults.md"
 TINY = [
@@ -47,13 +53,20 @@ main()
 """
 
 
-def command(folder: Path, *overrides: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "mcl-train"), *TINY, f"hydra.run.dir={folder}", *overrides]
+# 16 steps an epoch, so that a signal sent after the first epoch's checkpoint lands mid-epoch.
+LONGER = ["data.num_train=256", "trainer.max_epochs=2", "image_size=32"]
+ENV = {**os.environ, "WANDB_MODE": "disabled"}
 
 
-def run(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run(command(folder, *overrides), capture_output=True, text=True, timeout=900, env=env)
+def command(folder: Path, *overrides: str, program: str = "mcl-train") -> list[str]:
+    tiny = TINY if program == "mcl-train" else []
+    return [str(Path(sys.executable).parent / program), *tiny, f"hydra.run.dir={folder}", *overrides]
+
+
+def run(folder: Path, *overrides: str, program: str = "mcl-train") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(folder, *overrides, program=program), capture_output=True, text=True, timeout=900, env=ENV
+    )
 
 
 def said(result: subprocess.CompletedProcess, text: str) -> bool:
@@ -62,9 +75,31 @@ def said(result: subprocess.CompletedProcess, text: str) -> bool:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    """Content hashes of the results a run leaves: metrics, run state and checkpoints."""
-    files = [*folder.glob("*.json"), *folder.glob("checkpoints/*.ckpt"), *folder.glob(".hydra/*.yaml")]
+    """Content hashes of every file in the run folder: metrics, run state, checkpoints, config, log, CSV logs."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(folder / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+def same_weights(first: Path, second: Path) -> bool:
+    a, b = weights(first), weights(second)
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+@contextmanager
+def small_mount(folder: Path, options: str):
+    """A tmpfs mounted at ``folder`` (``size=...``, ``ro``); yields ``False`` when it cannot be mounted (not root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                                   capture_output=True).returncode == 0  # fmt: skip
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], capture_output=True)
 
 
 def readable(folder: Path) -> bool:
@@ -102,11 +137,12 @@ def kill_during_training(folder: Path) -> tuple[bool, bool, str]:
     process.send_signal(signal.SIGKILL)
     process.wait()
     saved = last_step(folder)
+    status = job_status(folder)
     rerun = run(folder, "trainer.max_epochs=3")
     return (
-        rerun.returncode == 0 and finished(folder, 12),
+        rerun.returncode == 0 and finished(folder, 12) and status == "dead",
         saved > 12 or not readable(folder),
-        f"killed at step >= {saved}; rerun resumed to 12",
+        f"killed at step >= {saved}; mcl-collect said {status}; rerun resumed to 12",
     )
 
 
@@ -120,9 +156,16 @@ def kill_during_checkpoint_write(folder: Path) -> tuple[bool, bool, str]:
         intact, lost = last_step(folder), False  # the file of the first save, whole
     except CheckpointError:
         intact, lost = None, True
+    left = [p.name for p in folder.glob("checkpoints/.*.tmp")]
     rerun = run(folder, "trainer.max_epochs=3")
-    survived = died.returncode == 137 and rerun.returncode == 0 and finished(folder, 12)
-    return survived, lost, f"last.ckpt stayed at step {intact}; rerun resumed to 12"
+    removed = left and not list(folder.glob("checkpoints/.*.tmp")) and said(rerun, "left by a write that was")
+    survived = died.returncode == 137 and rerun.returncode == 0 and finished(folder, 12) and removed
+    return (
+        survived,
+        lost,
+        f"last.ckpt stayed at step {intact}; the rerun removed the temporary file {left[0] if left else None} and "
+        "resumed to 12",
+    )
 
 
 def concurrent_runs(folder: Path) -> tuple[bool, bool, str]:
@@ -150,24 +193,50 @@ def concurrent_runs(folder: Path) -> tuple[bool, bool, str]:
 
 
 def rerun_finished(folder: Path) -> tuple[bool, bool, str]:
-    run(folder, "trainer.max_epochs=1")
+    first = run(folder, "trainer.max_epochs=1")
     before = digest(folder)
     again = run(folder, "trainer.max_epochs=1")
+    notice = said(first, "weights_only")
     return (
-        again.returncode == 0 and said(again, "already holds a finished run"),
+        again.returncode == 0 and said(again, "already holds a finished run") and not notice,
         digest(folder) != before,
-        "nothing rewritten",
+        f"nothing rewritten (log and CSV included); weights_only notice printed: {'yes' if notice else 'no'}",
     )
+
+
+# A rerun with each of these fails, naming the problem, and leaves the finished run's folder as it was.
+FAILING_RERUNS = {
+    ("levels=5",): "levels=5",
+    ("batch_size=1",): "batch_size=1 on 1 device(s)",
+    ("data.num_train=8",): "the training set has 8 images, fewer than data.batch_size=16",
+    ("optimizer.lr=0",): "optimizer.lr=0 is out of range",
+    ("optimizer=adamw", "optimizer.lr=-1"): "optimizer.lr=-1 is out of range",
+    ("optimizer.momentum=1.5",): "optimizer.momentum=1.5 is out of range",
+    ("optimizer.momentum=-0.1",): "optimizer.momentum=-0.1 is out of range",
+    ("optimizer.weight_decay=-1",): "optimizer.weight_decay=-1 is out of range",
+    ("seed=-1",): "seed=-1 is out of range",
+    ("trainer.max_epochs=0",): "trainer.max_epochs=0 is out of range",
+    ("method.knn_k=0",): "method.knn_k=0 is out of range",
+    ("lr_reference_batch=0",): "lr_reference_batch=0 is out of range",
+}
 
 
 def failing_rerun(folder: Path) -> tuple[bool, bool, str]:
     run(folder, "trainer.max_epochs=1")
     before = digest(folder)
-    bad = run(folder, "levels=5", "trainer.max_epochs=2")
+    named, changed = 0, []
+    for overrides, message in FAILING_RERUNS.items():
+        extra = () if any(o.startswith("trainer.max_epochs") for o in overrides) else ("trainer.max_epochs=2",)
+        bad = run(folder, *overrides, *extra)
+        named += bad.returncode != 0 and said(bad, message)
+        if digest(folder) != before:
+            changed.append(" ".join(overrides))
     return (
-        bad.returncode != 0 and said(bad, "levels=5"),
-        digest(folder) != before,
-        "error names the key; files unchanged",
+        named == len(FAILING_RERUNS),
+        bool(changed),
+        f"{named} of {len(FAILING_RERUNS)} reruns (levels=5, batch_size=1, fewer images than the batch, lr 0 / -1 "
+        "with AdamW, momentum 1.5 / -0.1, weight decay -1, seed -1, max_epochs 0, knn_k 0, lr_reference_batch 0) "
+        f"stopped naming the key and value; files changed: {', '.join(changed) or 'none'}",
     )
 
 
@@ -199,14 +268,114 @@ def diverging_resume(folder: Path) -> tuple[bool, bool, str]:
     )
 
 
+STRAIGHT: dict[str, Path] = {}
+
+
+def straight_run(scratch: Path) -> Path:
+    """The uninterrupted run the signal cases compare with (run once)."""
+    if "folder" not in STRAIGHT:
+        STRAIGHT["folder"] = scratch / "straight"
+        run(STRAIGHT["folder"], *LONGER)
+    return STRAIGHT["folder"]
+
+
+def stopped_by(signum: signal.Signals) -> Callable[[Path], tuple[bool, bool, str]]:
+    def case(folder: Path) -> tuple[bool, bool, str]:
+        straight = straight_run(folder.parent)
+        process = subprocess.Popen(command(folder, *LONGER), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+        last = folder / "checkpoints" / "last.ckpt"
+        while not last.exists() and process.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.5)  # into the second epoch
+        process.send_signal(signum)
+        output = process.communicate(timeout=900)[0].decode()
+        saved, status = last_step(folder), job_status(folder)
+        rerun = run(folder, *LONGER)
+        exact = rerun.returncode == 0 and finished(folder, 32) and same_weights(folder, straight)
+        survived = process.returncode == 128 + signum and status == "interrupted" and "saved the state" in output
+        return (
+            survived and exact,
+            not readable(folder),
+            f"exit {process.returncode}, last.ckpt saved at step {saved} (16 an epoch), mcl-collect said {status}; "
+            f"the rerun resumed there and ended {'bit-identical to' if exact else 'DIFFERENT from'} the "
+            "uninterrupted run",
+        )
+
+    return case
+
+
+def full_device(folder: Path) -> tuple[bool, bool, str]:
+    with small_mount(folder, "size=60m") as mounted:
+        if not mounted:
+            return True, False, "not tried: mounting a small tmpfs needs root"
+        result = run(folder, "trainer.max_epochs=1")
+        status = json.loads((folder / "run.json").read_text())["status"]
+        left = [p.name for p in folder.glob("checkpoints/*")]
+    named = said(result, "no space left on the device of") and said(result, "MiB free")
+    return (
+        result.returncode != 0 and named and status == "failed",
+        bool(left),
+        f"the first checkpoint did not fit in 60 MiB: error names the file and the space free; run.json says "
+        f"{status}; files left in checkpoints/: {left or 'none'}",
+    )
+
+
+def read_only_folder(folder: Path) -> tuple[bool, bool, str]:
+    with small_mount(folder, "ro,size=1m") as mounted:
+        if not mounted:
+            return True, False, "not tried: mounting a read-only tmpfs needs root"
+        result = run(folder, "trainer.max_epochs=1")
+    return (
+        result.returncode != 0 and said(result, f"the run folder {folder} cannot be written (Read-only file system)"),
+        False,
+        "stopped with the folder's name and the cause (not Hydra's logging error)",
+    )
+
+
+def no_readable_image(folder: Path) -> tuple[bool, bool, str]:
+    images = folder / "images"
+    images.mkdir(parents=True)
+    for index in range(4):
+        (images / f"{index}.jpg").write_bytes(b"not a jpeg")
+    overrides = [o for o in TINY if not o.startswith("data")] + ["data=folder", f"data.root={images}"]
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mcl-train"), *overrides, f"hydra.run.dir={folder / 'run'}"],
+        capture_output=True, text=True, timeout=900, env=ENV,
+    )  # fmt: skip
+    return (
+        result.returncode != 0 and said(result, f"no readable image in {images}: 4 file(s) tried"),
+        False,
+        "4 corrupt files, batch 16: the error says no image reads, with the causes (not 'lower the batch size')",
+    )
+
+
+def bad_annotations(folder: Path) -> tuple[bool, bool, str]:
+    root = folder / "coco"
+    for sub in ("annotations", "train", "val"):
+        (root / sub).mkdir(parents=True)
+    (root / "annotations" / "train.json").write_text('{"images": [')
+    (root / "annotations" / "val.json").write_text("{}")
+    malformed = run(folder / "a", f"data.root={root}", program="mcl-finetune")
+    missing = run(folder / "b", f"data.root={folder / 'elsewhere'}", program="mcl-finetune")
+    first = malformed.returncode != 0 and said(malformed, str(root / "annotations" / "train.json"))
+    second = missing.returncode != 0 and said(missing, str(folder / "elsewhere" / "annotations" / "train.json"))
+    return first and second, False, "mcl-finetune names the malformed file (line, column) and the missing one"
+
+
 CASES: dict[str, Callable[[Path], tuple[bool, bool, str]]] = {
     "SIGKILL during training, then rerun": kill_during_training,
     "killed while writing a checkpoint, then rerun": kill_during_checkpoint_write,
     "two runs started in one folder": concurrent_runs,
     "finished run rerun": rerun_finished,
-    "failing rerun (levels=5)": failing_rerun,
+    "failing reruns (12 bad values)": failing_rerun,
+    "SIGTERM mid-epoch, then rerun": stopped_by(signal.SIGTERM),
+    "SIGINT (Ctrl-C) mid-epoch, then rerun": stopped_by(signal.SIGINT),
     "truncated last.ckpt, then rerun": damaged_last_checkpoint,
     "resume with lr=1e12 (diverges)": diverging_resume,
+    "device full during the first checkpoint": full_device,
+    "read-only run folder": read_only_folder,
+    "data=folder with no readable image": no_readable_image,
+    "mcl-finetune: malformed / missing annotations": bad_annotations,
 }
 
 
@@ -230,7 +399,8 @@ def main() -> int:
     console.print(f"{len(rows)} cases tried, {survived} survived, {lost} with data lost")
     lines = ["| case | survived | data lost | what happened |", "| --- | --- | --- | --- |"]
     lines += [f"| {n} | {'yes' if s else 'NO'} | {'YES' if d else 'no'} | {note} |" for n, s, d, note, _ in rows]
-    lines.append(f"\n{len(rows)} cases tried, {survived} survived, {lost} with data lost.\n")
+    lines.append(f"\n{len(rows)} cases tried, {survived} survived, {lost} with data lost.")
+    lines.append(f"\n`make faults` on {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}, as uid {os.geteuid()}.\n")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines))
     return 0 if survived == len(rows) and not lost else 1

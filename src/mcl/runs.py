@@ -68,11 +68,13 @@ def space_problem(path: Path, temporary: Path, error: BaseException) -> NoSpaceL
         return None
     if not isinstance(error, OSError) and free > max(16 * MIB, written // 10):
         return None  # an I/O error on a device with room left: not a full disk
-    needed = f"; it needs about {path.stat().st_size / MIB:.1f} MiB (the size of the file it replaces)"
+    needed = ""
+    if path.exists():
+        needed = f"; it needs about {path.stat().st_size / MIB:.1f} MiB (the size of the file it replaces)"
     return NoSpaceLeft(
         errno.ENOSPC,
         f"no space left on the device of {path.parent} while writing {path.name}: {written / MIB:.1f} MiB written, "
-        f"{free / MIB:.1f} MiB free{needed if path.exists() else ''}. The previous {path.name} (if any) is unchanged; "
+        f"{free / MIB:.1f} MiB free{needed}. The previous {path.name} (if any) is unchanged; "
         "free some space (or move the run folder to a larger device) and rerun the same command to resume",
     )
 
@@ -96,7 +98,11 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
             raise
         raise problem from error
     finally:
-        temporary.unlink(missing_ok=True)
+        if temporary.exists():
+            # Emptied first: a writer that still holds the file open (torch's, until the error is collected) would
+            # otherwise keep its blocks, and the run could not even record that it failed.
+            os.truncate(temporary, 0)
+            temporary.unlink()
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

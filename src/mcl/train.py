@@ -170,7 +170,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     With ``validate_at_init`` it first measures the kNN top-1 of the backbone at initialisation
     (``init/knn_top1``), so a run shows what pretraining added. Data without labelled validation sets
     (``data=folder`` without kNN folders) trains without any validation loop (:func:`check_validation_settings`).
-    Counts the datamodule reports (``data/skipped_images``) join the metrics.
+    Counts the datamodule reports (``data/skipped_images``, ``data/skipped_folders``) join the metrics.
 
     The run folder is owned by one run at a time (:class:`mcl.runs.RunLock`). Nothing in it changes before every
     check has passed: the config's values (:func:`mcl.validation.check_config`), the model and data it builds, the
