@@ -400,7 +400,8 @@ def main() -> int:
     lines = ["| case | survived | data lost | what happened |", "| --- | --- | --- | --- |"]
     lines += [f"| {n} | {'yes' if s else 'NO'} | {'YES' if d else 'no'} | {note} |" for n, s, d, note, _ in rows]
     lines.append(f"\n{len(rows)} cases tried, {survived} survived, {lost} with data lost.")
-    lines.append(f"\n`make faults` on {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}, as uid {os.geteuid()}.\n")
+    machine = f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}, as uid {os.geteuid()}"
+    lines.append(f"\n`make faults` on {machine}.\n")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines))
     return 0 if survived == len(rows) and not lost else 1
