@@ -492,7 +492,8 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     for name in ("quick", "full", "large"):
@@ -534,12 +535,12 @@ def main() -> None:
     parser.add_argument("--tag", help="results go to transfer_<tag>.md/.json/.png instead of the settings' name")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where runs are cached (benchmarks/runs)")
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where tables and plots go")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     name = next((n for n in ("quick", "full", "large") if getattr(args, n)), "default")
     shown = [
         arg
-        for i, arg in enumerate(sys.argv[1:])
-        if arg not in ("--runs", "--results") and sys.argv[i] not in ("--runs", "--results")
+        for i, arg in enumerate(argv)
+        if arg not in ("--runs", "--results") and argv[i - 1 : i] not in (["--runs"], ["--results"])
     ]
     s = dict(SETTINGS[name])
     s["command"] = shlex.join(["python", "benchmarks/transfer.py", *shown])

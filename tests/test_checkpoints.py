@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.demos.boring_classes import BoringModel
 
@@ -31,6 +32,7 @@ from mcl.export import export
 from mcl.linear import LinearProbe, frozen_backbone
 from mcl.loss import MultiLevelBYOL, MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.methods import MCL, SupervisedMultiLevel
+from mcl.train import resume_path
 
 from .conftest import small_trunk
 
@@ -372,6 +374,8 @@ def test_linear_finetune_and_export_name_the_kind_they_were_given(kinds, tmp_pat
         frozen_backbone(str(detector))
     with pytest.raises(CheckpointKindError, match=r"is a linear probe checkpoint .*: mcl-export exports"):
         export(linear, "timm", tmp_path / "out.pth")
+    with pytest.raises(CheckpointKindError, match=r"linear probe checkpoint .*: mcl-train ckpt_path=\.\.\. resumes"):
+        resume_path(OmegaConf.create({"ckpt_path": str(linear)}))  # mcl-train's resume, before the folder changes
     target = build_detector("fasterrcnn_v2", "resnet18", 3, fpn_channels=16)  # small_trunk's pyramid width
     with pytest.raises(CheckpointKindError, match=r"is a linear probe .*: mcl-finetune model.pretrained=\.\.\. starts"):
         load_pretrained(target, "fasterrcnn_v2", linear)

@@ -1,5 +1,6 @@
 """``benchmarks/transfer.py --quick``: the whole transfer protocol end to end, on a handful of images."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -64,8 +65,11 @@ def test_quick_c4_transfer_fine_tunes_mask_rcnn_c4_from_the_interp_neck(tmp_path
         (["--rows", "MCL, 3 levels, interp C5"], r"need views of at least \[64\] px, these settings pretrain at 32"),
     ],
 )
-def test_settings_a_c4_run_cannot_use_are_refused_before_any_work(tmp_path, arguments, message):
-    command = [sys.executable, str(SCRIPT), "--quick", "--runs", str(tmp_path / "runs"), *arguments]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 2 and re.search(message, result.stderr)
+def test_settings_a_c4_run_cannot_use_are_refused_before_any_work(tmp_path, arguments, message, capsys):
+    spec = importlib.util.spec_from_file_location("transfer_benchmark", SCRIPT)
+    transfer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(transfer)
+    with pytest.raises(SystemExit) as refused:
+        transfer.main(["--quick", "--runs", str(tmp_path / "runs"), *arguments])
+    assert refused.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
