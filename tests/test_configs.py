@@ -256,7 +256,7 @@ def test_train_help_lists_exactly_its_own_config_groups():
     import sys
 
     help_text = subprocess.run(
-        [sys.executable, "-m", "mcl.train", "--help"], check=True, capture_output=True, text=True
+        [sys.executable, "-m", "mcl.launch", "--help"], check=True, capture_output=True, text=True
     ).stdout
     groups = ("method", "preset", "experiment", "data", "backbone", "neck", "optimizer", "scheduler", "loss", "trainer")
     groups += ("logger", "callbacks", "search", "cluster", "debug")

@@ -36,7 +36,7 @@ def test_the_wheel_holds_every_config_and_composes_from_them_outside_the_checkou
     ).stdout  # fmt: skip
     assert "levels: 2" in printed and "_target_: mcl.methods.MCL" in printed and "montage_counts: official" in printed
     located = subprocess.run(
-        [sys.executable, "-c", "import mcl.runtime as r; print(r.CONFIG_DIR)"],
+        [sys.executable, "-c", "import mcl.configs as c; print(c.CONFIG_DIR)"],
         cwd=elsewhere, env=env, check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     assert Path(located) == tmp_path / "site" / "mcl" / "conf"
