@@ -170,8 +170,9 @@ def kill_during_checkpoint_write(folder: Path) -> tuple[bool, bool, str]:
 
 def concurrent_runs(folder: Path) -> tuple[bool, bool, str]:
     env = {**os.environ, "WANDB_MODE": "disabled"}
+    # 32 steps: the first run still holds the folder when the second, after its imports, reaches the lock.
     first = subprocess.Popen(
-        command(folder, "seed=1", "trainer.max_epochs=1"),
+        command(folder, "seed=1", "trainer.max_epochs=1", "data.num_train=512"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -180,13 +181,13 @@ def concurrent_runs(folder: Path) -> tuple[bool, bool, str]:
     lock = folder / ".mcl-run.lock"
     while not lock.exists() and first.poll() is None:
         time.sleep(0.1)
-    second = run(folder, "seed=2", "trainer.max_epochs=1")
+    second = run(folder, "seed=2", "trainer.max_epochs=1", "data.num_train=512")
     first.communicate(timeout=900)
     refused = second.returncode != 0 and said(second, "in use by process")
     config = (folder / ".hydra" / "config.yaml").read_text()
     seed_ok = "seed: 1" in config
     return (
-        refused and first.returncode == 0 and finished(folder, 4),
+        refused and first.returncode == 0 and finished(folder, 32),
         not seed_ok,
         "second run refused, naming the first",
     )
