@@ -36,10 +36,12 @@ def test_official_preset_is_the_released_code():
     assert cfg.method.bn_groups == "per_side" and cfg.scheduler.shape == "official"
     assert cfg.optimizer._target_ == "mcl.optim.Lars" and cfg.optimizer.lr_in_momentum is True
     assert cfg.method.no_decay_rule == "official" and cfg.method.weight_init == "official"
+    assert cfg.method.all_pyramid_maps is True and cfg.scheduler.warmup_steps is None
     assert compose_train(["preset=official", "levels=3"]).method.levels == 3
     assert compose_train(["preset=official", "optimizer=sgd"]).optimizer._target_ == "torch.optim.SGD"
     recipe = compose_train(["experiment=mcl_official_r50_b4096_e100_imagenet"])
     assert recipe.optimizer.lr_in_momentum is True and recipe.method.weight_init == "official"
+    assert recipe.method.all_pyramid_maps is True and recipe.scheduler.warmup_steps == 3127
 
 
 def test_paper_preset_shares_cells_batchnorm_groups_and_schedule_with_the_released_code():
@@ -47,6 +49,7 @@ def test_paper_preset_shares_cells_batchnorm_groups_and_schedule_with_the_releas
     assert cfg.levels == 3 and cfg.method.bn_groups == "per_side" and cfg.scheduler.shape == "official"
     assert cfg.optimizer.lr_in_momentum is False
     assert cfg.method.no_decay_rule == "ndim" and cfg.method.weight_init == "default"
+    assert cfg.method.all_pyramid_maps is False and compose_train().method.all_pyramid_maps is False
 
 
 # What the presets computed when the method held the loss settings: (level weights, loss, temperature, assignment).

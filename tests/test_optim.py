@@ -146,9 +146,22 @@ def test_official_schedule_values():
         learning_rate("step", 0, total, warmup, base, low)
 
 
+def released_lr(step: int, max_iters: int, base_lr: float = 16.0, min_lr: float = 1e-4) -> float:
+    """The released config's lr at iteration ``step``: its ``CosineAnnealingIntervalLrUpdaterHook`` (``annealing_cos``
+    from ``base_lr`` to ``min_lr`` over ``max_iters``) under mmcv's linear warmup of ``warmup_iters=3127`` with
+    ``warmup_ratio=1e-4`` (``k = (1 - step / warmup_iters) * (1 - warmup_ratio)``, ``lr = regular * (1 - k)``)."""
+    regular = min_lr + 0.5 * (base_lr - min_lr) * (math.cos(math.pi * step / max_iters) + 1)
+    warmup_iters, warmup_ratio = 3127, 1e-4
+    if step >= warmup_iters:
+        return regular
+    k = (1 - step / warmup_iters) * (1 - warmup_ratio)
+    return regular * (1 - k)
+
+
 def test_official_preset_builds_the_released_optimizer_and_schedule():
     """The released recipe at batch 4096 (128 x 32 GPUs), 100 epochs of 312 steps: LARS at lr 16 with the lr in the
-    momentum buffer, and the released schedule (down to 1e-4) at its first step, warmup end, mid-run and last step."""
+    momentum buffer, and the released schedule (down to 1e-4, 3127 warmup iterations: scheduler.warmup_steps) at
+    its first step, the last and first steps after the warmup, mid-run and the last step."""
     cfg = compose_train(["experiment=mcl_official_r50_b4096_e100_imagenet", "method.projector_hidden_dim=64"])
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
     total = 312 * 100
@@ -163,11 +176,11 @@ def test_official_preset_builds_the_released_optimizer_and_schedule():
     optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     assert isinstance(optimizer, Lars) and optimizer.defaults["lr_in_momentum"] is True
     assert optimizer.defaults["lr"] == 16.0
-    warmup = 3120
-    for step in (0, warmup - 1, warmup, total // 2, total - 1):
-        expected = official_cosine(step, total, warmup, 16.0, 1e-4, 1e-4)
-        assert 16.0 * schedule.lr_lambdas[0](step) == pytest.approx(expected, rel=1e-12)
+    assert schedule.warmup_steps == 3127  # not 10 epochs x 312 = 3120
+    for step in (0, 3126, 3127, total // 2, total - 1):
+        assert 16.0 * schedule.lr_lambdas[0](step) == pytest.approx(released_lr(step, total), rel=1e-12)
     assert 16.0 * schedule.lr_lambdas[0](0) == pytest.approx(16.0 * 1e-4)
+    assert released_lr(3126, total) < released_lr(3127, total)  # the last warmup step is still below the cosine
 
 
 def configured_schedule(overrides: list[str], batch: int, devices: int = 1, total: int = 1000):
@@ -197,9 +210,25 @@ def test_the_lr_floor_follows_the_scaled_peak_at_any_batch_size():
     assert schedule.lr_lambdas[0](99) == pytest.approx(1.0) and schedule.lr_lambdas[0](1000) == pytest.approx(0.01)
 
 
+def test_warmup_steps_override_the_warmup_epochs():
+    """``scheduler.warmup_steps`` null: ``ceil(warmup_epochs x steps per epoch)`` (1 epoch of a 1,000-step, 10-epoch
+    run: 100); an integer is the warmup itself, whatever the epochs say, and never longer than the run."""
+    shape = ["scheduler.shape=official", "scheduler.warmup_epochs=1", "scheduler.min_lr_ratio=0.01"]
+    assert configured_schedule(shape, 4)[1].warmup_steps == 100
+    _, schedule = configured_schedule([*shape, "scheduler.warmup_steps=37"], 4)
+    assert schedule.warmup_steps == 37
+    factor = 1e-4 + (1 - 1e-4) * 36 / 37  # the last warmup step
+    assert schedule.lr_lambdas[0](36) == pytest.approx(official_cosine(36, 1000, 0, 1.0, 0.01) * factor)
+    assert schedule.lr_lambdas[0](37) == pytest.approx(official_cosine(37, 1000, 0, 1.0, 0.01))
+    assert configured_schedule([*shape, "scheduler.warmup_steps=0"], 4)[1].lr_lambdas[0](0) == pytest.approx(1.0)
+    assert configured_schedule([*shape, "scheduler.warmup_steps=5000"], 4)[1].warmup_steps == 1000
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
+        ("scheduler.warmup_steps=-1", r"scheduler.warmup_steps=-1 is invalid: use an integer >= 0, or null"),
+        ("scheduler.warmup_steps=2.5", r"scheduler.warmup_steps=2.5 is invalid"),
         ("scheduler.min_lr_ratio=1.5", r"scheduler.min_lr_ratio=1.5 is invalid: the floor is a fraction"),
         ("scheduler.warmup_ratio=0", r"scheduler.warmup_ratio=0 is invalid: it must be in \(0, 1\]"),
         ("scheduler.shape=step", r"scheduler.shape='step' is invalid"),

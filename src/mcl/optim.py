@@ -135,12 +135,20 @@ def check_schedule(
     warmup_epochs: float = 10.0,
     warmup_ratio: float = 1e-4,
     min_lr_ratio: float = 1e-4,
+    warmup_steps: int | None = None,
 ) -> None:
     """Fail with the offending ``scheduler.*`` key when a setting of :class:`WarmupCosineLR` is out of range."""
     if shape not in SCHEDULE_SHAPES:
         raise ValueError(f"scheduler.shape={shape!r} is invalid: use one of {SCHEDULE_SHAPES}")
     if warmup_epochs < 0:
         raise ValueError(f"scheduler.warmup_epochs={warmup_epochs} is invalid: use 0 or more epochs")
+    if warmup_steps is not None and (
+        isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
+    ):
+        raise ValueError(
+            f"scheduler.warmup_steps={warmup_steps!r} is invalid: use an integer >= 0, or null to count the warmup "
+            "in epochs (scheduler.warmup_epochs)"
+        )
     if not 0 < warmup_ratio <= 1:
         raise ValueError(f"scheduler.warmup_ratio={warmup_ratio} is invalid: it must be in (0, 1]")
     if not 0 <= min_lr_ratio <= 1:
@@ -152,12 +160,13 @@ def check_schedule(
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     """The per-step lr of pretraining: a cosine from the optimizer's lr to ``min_lr_ratio`` x that lr, with a warmup
-    of ``warmup_epochs`` (``shape``: ``warmup_then_cosine`` or the released code's ``official``, see
-    :func:`learning_rate`).
+    (``shape``: ``warmup_then_cosine`` or the released code's ``official``, see :func:`learning_rate`).
 
-    The floor is relative to the peak, so it follows the linear lr scaling: any batch size gives the same shape.
-    ``total_steps`` and ``steps_per_epoch`` come from the Trainer; the config group ``scheduler`` holds the rest
-    (a ``_partial_`` that the method completes in ``configure_optimizers``).
+    The warmup lasts ``warmup_steps`` optimiser steps when given (the released recipe fixes 3,127), otherwise
+    ``ceil(warmup_epochs x steps_per_epoch)``; never more than ``total_steps``. The floor is relative to the peak, so
+    it follows the linear lr scaling: any batch size gives the same shape. ``total_steps`` and ``steps_per_epoch``
+    come from the Trainer; the config group ``scheduler`` holds the rest (a ``_partial_`` that the method completes
+    in ``configure_optimizers``).
     """
 
     def __init__(
@@ -169,10 +178,13 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         warmup_epochs: float = 10.0,
         warmup_ratio: float = 1e-4,
         min_lr_ratio: float = 1e-4,
+        warmup_steps: int | None = None,
     ):
-        check_schedule(shape, warmup_epochs, warmup_ratio, min_lr_ratio)
+        check_schedule(shape, warmup_epochs, warmup_ratio, min_lr_ratio, warmup_steps)
         total_steps = max(1, total_steps)
-        self.warmup_steps = min(total_steps, math.ceil(warmup_epochs * steps_per_epoch))
+        if warmup_steps is None:
+            warmup_steps = math.ceil(warmup_epochs * steps_per_epoch)
+        self.warmup_steps = min(total_steps, warmup_steps)
         self.total_steps = total_steps
 
         def factor(step: int) -> float:

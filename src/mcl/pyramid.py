@@ -1,8 +1,9 @@
 """Necks that turn C2..C5 into the 256-channel pyramid map each montage level reads.
 
 Montage level ``i`` reads pyramid level ``P(5-i)``: level 0 -> P5, 1 -> P4, 2 -> P3, 3 -> P2. A neck is asked
-for the maps of images ordered by level and computes only what each level needs, so level-0 views never pay for
-P2..P4.
+for the maps of images ordered by level and computes only what each level needs (``forward_levels``), so level-0
+views never pay for P2..P4. ``forward_all`` computes every map the neck has for every image instead, as the
+released code does (``method.all_pyramid_maps``, see docs/parity.md).
 """
 
 from __future__ import annotations
@@ -70,6 +71,24 @@ class PartialFPN(FeaturePyramidNetwork):
             inner, start = inner[count:], start + count
         return maps
 
+    def forward_all(self, features: list[torch.Tensor], levels: int) -> list[torch.Tensor]:
+        """Every map this FPN builds, of every image: torchvision's ``forward``, ordered by the montage level that
+        reads each map.
+
+        Args:
+            features: ``[C2, C3, C4, C5]`` of ``N`` images.
+            levels: montage levels ``0..levels-1`` (at most the levels the FPN was built for).
+
+        Returns:
+            Per level ``i``, ``(N, out_channels, H/2**(5-i), W/2**(5-i))``: ``P(5-i)`` of every image. Each lateral
+            and output conv runs once, over all ``N`` images, so its BatchNorm normalises over all of them (the
+            released code's FPN, which builds P2..P5 for every image).
+        """
+        stages = features[self.first_stage :]
+        check_level_counts(range(levels), len(stages))
+        maps = list(self(dict(enumerate(stages))).values())  # torchvision's order: the finest map first
+        return maps[::-1][:levels]
+
 
 # The C stages the interp neck can read (``neck.stage``): C5 (the default) or C4, the C4 detectors' feature map.
 INTERP_STAGES = (4, 5)
@@ -127,14 +146,21 @@ class InterpolationNeck(nn.Module):
         """
         check_level_counts(counts, len(features) - self.offset)
         reduced = self.reduce(features[self.stage - 2]).split(list(counts))
-        maps = []
-        for level, level_map in enumerate(reduced):
-            size = features[pyramid_index(level) - self.offset].shape[-2:]
-            same = level_map.shape[-2:] == size
-            maps.append(
-                level_map if same else F.interpolate(level_map, size=size, mode="bilinear", align_corners=False)
-            )
-        return maps
+        return [self.resized(level_map, features, level) for level, level_map in enumerate(reduced)]
+
+    def forward_all(self, features: list[torch.Tensor], levels: int) -> list[torch.Tensor]:
+        """As :meth:`PartialFPN.forward_all`: the reduction of every image, resized to the size of each level
+        ``0..levels-1``."""
+        check_level_counts(range(levels), len(features) - self.offset)
+        reduced = self.reduce(features[self.stage - 2])
+        return [self.resized(reduced, features, level) for level in range(levels)]
+
+    def resized(self, level_map: torch.Tensor, features: list[torch.Tensor], level: int) -> torch.Tensor:
+        """``level_map`` bilinearly resized to the size of montage ``level``'s map (unchanged if it has it)."""
+        size = features[pyramid_index(level) - self.offset].shape[-2:]
+        if level_map.shape[-2:] == size:
+            return level_map
+        return F.interpolate(level_map, size=size, mode="bilinear", align_corners=False)
 
 
 # Neck keys added after checkpoints were saved without them, with the value those checkpoints were trained with.

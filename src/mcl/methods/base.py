@@ -115,6 +115,48 @@ def level_cells(
     return list(head(torch.cat(tiles)).split([len(t) for t in tiles]))
 
 
+def all_map_cells(
+    images: Sequence[torch.Tensor], backbone: Backbone, neck: nn.Module, head: TileHead
+) -> list[torch.Tensor]:
+    """Embed every tile of every pyramid map of every image, as the released code does (``all_pyramid_maps``).
+
+    Args:
+        images: per level ``i = 0, 1, ...``, ``(M_i, C, H, W)`` montages (level 0: plain views); all share ``H x W``.
+            One backbone pass over all ``N = sum(M_i)`` of them.
+
+    Returns:
+        Per level ``i``, ``(N * 4**i, head channels)``: the head features of map ``P(5-i)`` of all ``N`` images, each
+        map cut into level ``i``'s ``2**i x 2**i`` grid, image by image (``sources.flatten()`` order within each).
+        The neck computes every map of every image (``neck.forward_all``) and the head runs once per map over all of
+        its tiles, the finest map first (the released head's order, which fixes how its running statistics are
+        updated). :func:`own_cells` keeps the cells the loss reads.
+    """
+    maps = neck.forward_all(backbone(torch.cat(list(images))), len(images))
+    cells: dict[int, torch.Tensor] = {}
+    for level in reversed(range(len(maps))):
+        cells[level] = head(split_tiles(maps[level], 2**level))
+    return [cells[level] for level in range(len(maps))]
+
+
+def own_cells(per_map: Sequence[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
+    """Per level ``i < len(counts)``, the rows of level ``i``'s own images in ``per_map[i]``.
+
+    Args:
+        per_map: per level ``i``, ``(N * 4**i, ...)`` rows of all ``N`` images (as :func:`all_map_cells` returns
+            them), the images ordered by level.
+        counts: images per level, ``M_0, M_1, ...`` (fewer than the levels of ``per_map`` to keep the first ones).
+
+    Returns:
+        Per level ``i``, ``(M_i * 4**i, ...)``: the same cells as :func:`level_cells` gives, in the same order.
+    """
+    kept, start = [], 0
+    for level, count in enumerate(counts):
+        cells = 4**level
+        kept.append(per_map[level][start * cells : (start + count) * cells])
+        start += count
+    return kept
+
+
 class MultiLevelModule(pl.LightningModule):
     """Base LightningModule: network trunk, montages, optimisation and the kNN monitor.
 
@@ -122,6 +164,12 @@ class MultiLevelModule(pl.LightningModule):
     Validation batches come from two loaders: the labelled kNN bank (``dataloader_idx=BANK_LOADER``) and the
     labelled validation split (``dataloader_idx=VAL_LOADER``); the :class:`~mcl.knn.KNNAccuracy` submodule ``knn``
     collects their pooled features and gives ``val/knn_top1``.
+
+    ``all_pyramid_maps``: compute every pyramid map of every image, the tile head once per map over all of them
+    (:func:`all_map_cells`), as the released code does, instead of only the map each level reads
+    (:func:`level_cells`). The cells that enter the loss are the same; which samples each BatchNorm of the neck and
+    head normalises over in train mode, and the cost, differ (see docs/parity.md). No effect without a pyramid
+    (the supervised method's ``classifier_input=pooled_c5``).
 
     Two speed options leave the computation, the state-dict keys and the checkpoints as they are:
 
@@ -159,6 +207,7 @@ class MultiLevelModule(pl.LightningModule):
         compile: bool = False,
         compile_mode: str = "default",
         compile_backend: str = "inductor",
+        all_pyramid_maps: bool = False,
     ):
         super().__init__()
         self.levels = check_levels(levels)
@@ -174,6 +223,7 @@ class MultiLevelModule(pl.LightningModule):
         self._bar_step: int | None = None
         self._initial_weight_norm: float | None = None
         self.downscale_mode = downscale_mode
+        self.all_pyramid_maps = bool(all_pyramid_maps)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler or partial(WarmupCosineLR)
         check_schedule(**self.scheduler_factory.keywords)  # now rather than when training starts

@@ -11,7 +11,7 @@ from mcl.backbones import Backbone
 from mcl.heads import MLP, TileHead
 from mcl.initialization import official_embedding_init
 from mcl.loss import SIDES, BySideLevel, MultiLevelContrastiveLoss, MultiLevelInfoNCE, per_image_targets
-from mcl.methods.base import MultiLevelModule, level_cells
+from mcl.methods.base import MultiLevelModule, all_map_cells, level_cells, own_cells
 from mcl.momentum import cosine_momentum, ema_update, make_target
 
 # Which samples share BatchNorm statistics in a training step (see MCL's docstring).
@@ -66,6 +66,14 @@ class MCL(MultiLevelModule):
     - ``per_side_plain_target``: the online pass as ``per_side``; the target embeds each side's plain views only.
     - ``joint``: one backbone pass over both sides and all levels, one head and one projector call over all cells,
       each predictor over both sides; the target embeds both sides' plain views together. Fewest kernel launches.
+
+    ``all_pyramid_maps`` (needs ``bn_groups=per_side``) makes both networks compute what the released code computes
+    rather than only what the loss reads: per side, the neck builds every pyramid map of every image (plain views and
+    montages of all levels), and the tile head and the projector run once per map over the tiles of all those images
+    (finest map first), each map cut into the grid of the level that reads it; each level then keeps its own images'
+    rows of its own map. The embeddings that enter the loss are the same cells as without it; what changes is which
+    samples each BatchNorm of the neck, head and projector normalises over (and the running statistics it keeps).
+    See :meth:`embed_all_maps` and docs/parity.md for what it costs.
     """
 
     default_loss = MultiLevelInfoNCE
@@ -91,6 +99,12 @@ class MCL(MultiLevelModule):
             raise ValueError(
                 f"bn_groups=per_side_plain_target needs loss.target_assignment=top: with {assignment!r} the target "
                 "network embeds the montages themselves; use bn_groups=per_side"
+            )
+        if self.all_pyramid_maps and bn_groups != "per_side":
+            raise ValueError(
+                f"all_pyramid_maps=true needs bn_groups=per_side, not {bn_groups!r}: it reproduces the released code's "
+                "passes, one per augmentation side over that side's plain views and montages in both networks; for "
+                "another grouping set method.all_pyramid_maps=false (preset=official sets it true)"
             )
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(
@@ -152,7 +166,12 @@ class MCL(MultiLevelModule):
             joint: one pass over both sides (levels in order, sides within a level) with one head and one projector
                 call over all cells; otherwise one pass per side with head and projector per level.
             embedded_levels: see :func:`level_cells`.
+
+        With ``all_pyramid_maps`` the side's images go through :meth:`embed_all_maps` instead (``joint`` is then
+        false: the switch needs ``bn_groups=per_side``).
         """
+        if self.all_pyramid_maps:
+            return self.embed_all_maps(network, images, embedded_levels)
         if not joint:
             return {
                 (side, level): network.projector(cells)
@@ -166,6 +185,32 @@ class MCL(MultiLevelModule):
         for level, level_embeddings in enumerate(embeddings):
             cells_per_side = [images[side][level].shape[0] * 4**level for side in SIDES]
             out.update(split_sides(level_embeddings, cells_per_side, level))
+        return out
+
+    def embed_all_maps(
+        self, network: Network, images: list[list[torch.Tensor]], embedded_levels: int | None = None
+    ) -> BySideLevel:
+        """Projector embeddings of every cell, keyed by ``(side, level)``, computed as the released code computes
+        them: every pyramid map of every image, head and projector over all of them.
+
+        Per side: one backbone pass over the side's images of all levels (``N`` images), every map of all ``N``
+        and the tile head once per map over all their tiles (:func:`~mcl.methods.base.all_map_cells`), then the
+        projector once per map over those ``N * 4**i`` features, finest map first. Level ``i`` keeps the rows of its
+        own images in map ``i`` (:func:`~mcl.methods.base.own_cells`): the cells :meth:`embed` gives without the
+        switch, in the same order. Levels from ``embedded_levels`` on are computed and left out (the released target
+        network keeps the plain views' P5 embeddings only).
+
+        Args:
+            images: ``images[side][level]`` ``(M, C, H, W)``: montages, or plain views at level 0.
+            embedded_levels: return levels ``0..embedded_levels-1`` only; all by default.
+        """
+        out: BySideLevel = {}
+        for side, side_images in zip(SIDES, images, strict=True):
+            cells = all_map_cells(side_images, *network.trunk)
+            embeddings = {level: network.projector(cells[level]) for level in reversed(range(len(cells)))}
+            counts = [len(level_images) for level_images in side_images[:embedded_levels]]
+            per_map = [embeddings[level] for level in range(len(cells))]
+            out.update({(side, level): z for level, z in enumerate(own_cells(per_map, counts))})
         return out
 
     def online_pass(self, montages: list[SideMontages]) -> BySideLevel:

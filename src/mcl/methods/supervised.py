@@ -18,7 +18,7 @@ from torch import nn
 
 from mcl.data.device import SourceBatch
 from mcl.loss import MultiLevelCrossEntropy
-from mcl.methods.base import VAL_LOADER, MultiLevelModule, level_cells
+from mcl.methods.base import VAL_LOADER, MultiLevelModule, all_map_cells, level_cells, own_cells
 from mcl.montage import assemble_levels
 
 # What the classifier reads: every montage cell's tile-head feature, or the pooled C5 of whole views (levels=1).
@@ -93,7 +93,11 @@ class SupervisedMultiLevel(MultiLevelModule):
             ((images, sources),) = montages
             return [(self.classifier(self.backbone.forward_pooled(images)), assemble_labels(labels, sources).flatten())]
         images = [level_images for level_images, _ in montages]
-        features = level_cells(images, self.backbone, self.neck, self.head, head_per_level=False)
+        if self.all_pyramid_maps:  # every map of every image, the head once per map (MultiLevelModule)
+            per_map = all_map_cells(images, self.backbone, self.neck, self.head)
+            features = own_cells(per_map, [len(level_images) for level_images in images])
+        else:
+            features = level_cells(images, self.backbone, self.neck, self.head, head_per_level=False)
         return [
             (self.classifier(cells), assemble_labels(labels, sources).flatten())
             for cells, (_, sources) in zip(features, montages, strict=True)
