@@ -176,6 +176,17 @@ def composed(config: str, overrides: list[str], output_dir: Path):
     return cfg
 
 
+def pretrain_overrides(row: str, seed: int, s: dict[str, Any]) -> list[str]:
+    """The ``mcl-train`` overrides of one row's pretraining with one seed under the settings ``s``."""
+    return [
+        *ROWS[row], f"seed={seed}", f"trainer.max_epochs={s['pretrain_epochs']}",
+        f"data.train_size={s['pretrain_images']}", f"image_size={s['image_size']}",
+        f"neck.out_channels={s['width']}",
+        f"trainer.accelerator={s['accelerator']}", "trainer.enable_progress_bar=false", "validate_at_init=false",
+        "logger=csv", *s.get("pretrain_overrides", ()),
+    ]  # fmt: skip
+
+
 def pretrain(row: str, seed: int, s: dict[str, Any]) -> dict[str, Any]:
     """Pretrain one row with one seed; returns the checkpoint path, final kNN top-1 and time."""
     names = ("pretrain_epochs", "pretrain_images", "image_size", "width")
@@ -184,13 +195,7 @@ def pretrain(row: str, seed: int, s: dict[str, Any]) -> dict[str, Any]:
     if s.get("pretrain_overrides"):
         settings["overrides"] = list(s["pretrain_overrides"])
     folder = s["runs"] / f"pretrain_{slug(row)}_seed{seed}_{key(settings)}"
-    overrides = [
-        *ROWS[row], f"seed={seed}", f"trainer.max_epochs={s['pretrain_epochs']}",
-        f"data.train_size={s['pretrain_images']}", f"image_size={s['image_size']}",
-        f"neck.out_channels={s['width']}",
-        f"trainer.accelerator={s['accelerator']}", "trainer.enable_progress_bar=false", "validate_at_init=false",
-        "logger=csv", *s.get("pretrain_overrides", ()),
-    ]  # fmt: skip
+    overrides = pretrain_overrides(row, seed, s)
 
     def run() -> dict[str, Any]:
         metrics = train(composed("train", overrides, folder / "run"))
