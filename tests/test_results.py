@@ -1,6 +1,7 @@
 """Results collection over multirun folders and W&B projects (with a stand-in API)."""
 
 import json
+import math
 import os
 import socket
 from types import SimpleNamespace
@@ -8,7 +9,16 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from mcl.results import collect_multirun, collect_wandb, job_status, main, parse_override, read_job
+from mcl.results import (
+    collect_multirun,
+    collect_wandb,
+    compare_nested,
+    job_status,
+    main,
+    nested_mean_se,
+    parse_override,
+    read_job,
+)
 from mcl.runs import LOCK_FILE, STATE_FILE
 
 
@@ -169,3 +179,20 @@ def test_collect_wandb_without_a_key_says_how_to_get_one(monkeypatch, tmp_path, 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no stored key either
     assert main(["me/mcl", "--wandb"]) == 2
     assert "--wandb reads runs from the W&B servers and needs an API key: run `wandb login`" in capsys.readouterr().err
+
+
+def test_nested_spread_counts_each_pretraining_once_and_holds_its_spread():
+    # Two pretraining seeds, three fine-tuning seeds each: group means 2 and 4.
+    mean, se = nested_mean_se([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]])
+    assert mean == 3.0 and se == pytest.approx(math.sqrt(2) / math.sqrt(2))
+    # One group: the fine-tuning seeds' standard error (std 1 over sqrt(3)).
+    assert nested_mean_se([[1.0, 2.0, 3.0]]) == pytest.approx((2.0, 1 / math.sqrt(3)))
+    baseline = [[1.0, 1.1, 0.9]]
+    # Tight fine-tuning seeds within each pretraining, but pretrainings far apart: within noise, not better.
+    spread = compare_nested([[5.0, 5.0, 5.0], [1.5, 1.5, 1.5]], baseline)
+    assert spread["gap"] == pytest.approx(2.25) and spread["verdict"] == "within noise"
+    steady = compare_nested([[3.0, 3.1, 2.9], [3.1, 3.0, 3.2], [2.9, 3.0, 3.0]], baseline)
+    assert steady["verdict"] == "better" and steady["gap"] == pytest.approx(2.0222, abs=1e-4)
+    # One pretraining seed: its spread is unknown, so no verdict beyond noise however large the gap.
+    assert compare_nested([[9.0, 9.1, 8.9]], baseline)["verdict"] == "within noise"
+    assert compare_nested([[9.0, 9.1, 8.9]], baseline, min_groups=1)["verdict"] == "better"

@@ -69,6 +69,45 @@ def compare_means(values: Sequence[float], baseline: Sequence[float]) -> dict[st
     return {"gap": m1 - m0, "two_se": two_se, "verdict": verdict}
 
 
+def nested_mean_se(groups: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """Mean and standard error of a two-level measurement: ``groups`` holds, per pretraining seed, the values of its
+    fine-tuning seeds.
+
+    The mean is the mean of the per-group means (each pretraining counts once, whatever its fine-tuning seeds). With
+    two groups or more, the standard error is the sample standard deviation of the group means over ``sqrt(groups)``:
+    it holds both the pretraining-seed spread and the fine-tuning noise inside each group mean. With one group (no
+    pretraining to repeat, as random initialisation, or a single pretraining seed) it is the fine-tuning seeds'
+    standard error, which leaves the pretraining spread out.
+    """
+    groups = [list(group) for group in groups if len(group)]
+    if not groups:
+        raise ValueError("nested_mean_se needs at least one group with a value")
+    means = [mean_std(group)[0] for group in groups]
+    if len(groups) == 1:
+        mean, std = mean_std(groups[0])
+        return mean, std / math.sqrt(len(groups[0]))
+    mean, std = mean_std(means)
+    return mean, std / math.sqrt(len(means))
+
+
+def compare_nested(
+    groups: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]], min_groups: int = 2
+) -> dict[str, float | str]:
+    """:func:`compare_means` for two-level measurements (:func:`nested_mean_se`): the gap of the means, twice the
+    combined standard error, and a verdict, ``better`` or ``worse`` only beyond it. A side whose spread cannot be
+    measured (one value in all) is always ``within noise``; so is a row with fewer than ``min_groups`` pretraining
+    seeds (the baseline, random initialisation, has none to repeat and is exempt): its spread leaves out the
+    pretraining's."""
+    (m1, se1), (m0, se0) = nested_mean_se(groups), nested_mean_se(baseline)
+    two_se = 2 * math.sqrt(se1**2 + se0**2)
+    sizes = [sum(len(g) for g in groups), sum(len(g) for g in baseline)]
+    if min(sizes) < 2 or len([g for g in groups if len(g)]) < min_groups:
+        verdict = "within noise"
+    else:
+        verdict = "better" if m1 - m0 > two_se else "worse" if m0 - m1 > two_se else "within noise"
+    return {"gap": m1 - m0, "two_se": two_se, "verdict": verdict}
+
+
 def parse_value(text: str) -> Any:
     """A command-line value as Hydra reads it: int, float (``1e-3`` too), ``true``/``false``, ``null``, else text."""
     for cast in (int, float):
