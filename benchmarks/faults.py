@@ -58,15 +58,15 @@ LONGER = ["data.num_train=256", "trainer.max_epochs=2", "image_size=32"]
 ENV = {**os.environ, "WANDB_MODE": "disabled"}
 
 
-def command(folder: Path, *overrides: str, program: str = "mcl-train") -> list[str]:
-    tiny = TINY if program == "mcl-train" else []
-    return [str(Path(sys.executable).parent / program), *tiny, f"hydra.run.dir={folder}", *overrides]
+def command(folder: Path, *overrides: str, program: str = "mcl-train", base: list[str] | None = None) -> list[str]:
+    """``program`` on ``folder`` with ``base`` (default: the tiny run for ``mcl-train``, nothing else) and
+    ``overrides``."""
+    base = (TINY if program == "mcl-train" else []) if base is None else base
+    return [str(Path(sys.executable).parent / program), *base, f"hydra.run.dir={folder}", *overrides]
 
 
-def run(folder: Path, *overrides: str, program: str = "mcl-train") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command(folder, *overrides, program=program), capture_output=True, text=True, timeout=900, env=ENV
-    )
+def run(folder: Path, *overrides: str, **how: object) -> subprocess.CompletedProcess:
+    return subprocess.run(command(folder, *overrides, **how), capture_output=True, text=True, timeout=900, env=ENV)
 
 
 def said(result: subprocess.CompletedProcess, text: str) -> bool:
@@ -147,10 +147,9 @@ def kill_during_training(folder: Path) -> tuple[bool, bool, str]:
 
 
 def kill_during_checkpoint_write(folder: Path) -> tuple[bool, bool, str]:
-    env = {**os.environ, "WANDB_MODE": "disabled"}
     died = subprocess.run(
         [sys.executable, "-c", DIE_IN_SECOND_SAVE, *command(folder, "trainer.max_epochs=3")[1:]],
-        capture_output=True, text=True, timeout=900, env=env,
+        capture_output=True, text=True, timeout=900, env=ENV,
     )  # fmt: skip
     try:
         intact, lost = last_step(folder), False  # the file of the first save, whole
@@ -169,14 +168,13 @@ def kill_during_checkpoint_write(folder: Path) -> tuple[bool, bool, str]:
 
 
 def concurrent_runs(folder: Path) -> tuple[bool, bool, str]:
-    env = {**os.environ, "WANDB_MODE": "disabled"}
     # 32 steps: the first run still holds the folder when the second, after its imports, reaches the lock.
     first = subprocess.Popen(
         command(folder, "seed=1", "trainer.max_epochs=1", "data.num_train=512"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=ENV,
     )
     lock = folder / ".mcl-run.lock"
     while not lock.exists() and first.poll() is None:
@@ -338,11 +336,8 @@ def no_readable_image(folder: Path) -> tuple[bool, bool, str]:
     images.mkdir(parents=True)
     for index in range(4):
         (images / f"{index}.jpg").write_bytes(b"not a jpeg")
-    overrides = [o for o in TINY if not o.startswith("data")] + ["data=folder", f"data.root={images}"]
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "mcl-train"), *overrides, f"hydra.run.dir={folder / 'run'}"],
-        capture_output=True, text=True, timeout=900, env=ENV,
-    )  # fmt: skip
+    without_data = [o for o in TINY if not o.startswith("data")]
+    result = run(folder / "run", "data=folder", f"data.root={images}", base=without_data)
     return (
         result.returncode != 0 and said(result, f"no readable image in {images}: 4 file(s) tried"),
         False,

@@ -7,7 +7,7 @@
   downloaded file cannot run code when loaded; other failures (missing, truncated, not a checkpoint) get a message
   that names the file.
 - :class:`LastCheckpoint` keeps ``last.ckpt`` equal to the state after the newest step: after every training epoch,
-  every ``every_n_train_steps`` steps, and at the end of training.
+  every ``every_n_train_steps`` steps, at the end of training, and at the step where SIGTERM stops it.
 - :func:`newest_loadable` picks the checkpoint to resume from when ``last.ckpt`` is unreadable.
 - :func:`split_loss_hyperparameters` reads a method's saved loss config, also from checkpoints saved before the loss
   had one.
@@ -26,6 +26,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mcl.loss import MultiLevelBYOL, MultiLevelInfoNCE, MultiLevelLoss
 from mcl.runs import replaced_atomically
@@ -97,7 +98,8 @@ class LastCheckpoint(pl.Callback):
     """Keeps ``<dirpath>/last.ckpt`` at the newest training state (what resume, export and requeued jobs read).
 
     Written after every training epoch (after its validation), every ``every_n_train_steps`` optimiser steps when
-    set (long epochs), and when training ends, never twice for the same step.
+    set (long epochs), when training ends, and when Lightning stops training for SIGTERM (its ``SIGTERMException``,
+    raised between two steps on every rank at once: the state is whole), never twice for the same step.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None):
@@ -127,6 +129,13 @@ class LastCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or not trainer.training:
+            return  # an error, or a signal during validation: no new training state to keep
+        self.save(trainer)
+        if trainer.is_global_zero:
+            log.warning("interrupted: saved the state after step %d to %s", trainer.global_step, self.path)
 
 
 def newest_loadable(dirpath: str | Path, preferred: str | Path | None = None) -> Path | None:

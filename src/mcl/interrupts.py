@@ -2,8 +2,8 @@
 state at the next step boundary and exits non-zero.
 
 Lightning turns SIGTERM into a ``SIGTERMException`` (a ``SystemExit`` whose status is 0) raised between two steps,
-on every rank at the same step (rank 0 broadcasts it). :class:`SaveOnInterrupt` writes ``last.ckpt`` there, through
-the run's :class:`~mcl.checkpoints.LastCheckpoint`, so a rerun resumes from the step the signal interrupted.
+on every rank at the same step (rank 0 broadcasts it); the run's :class:`~mcl.checkpoints.LastCheckpoint` writes
+``last.ckpt`` there, so a rerun resumes from the step the signal interrupted.
 :class:`Interruptions` routes SIGINT the same way (a first Ctrl-C stops at the next step boundary, a second stops at
 once), stops a run that is not inside a Trainer call at once, and remembers the signal, so that
 :func:`mcl.train.train` records the run as ``interrupted`` and exits with ``128 + signal`` (143 for SIGTERM, 130 for
@@ -22,10 +22,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-from mcl.checkpoints import LastCheckpoint
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -37,25 +34,6 @@ class RunInterrupted(SystemExit):
     def __init__(self, signum: int):
         super().__init__(128 + signum)
         self.signum = signum
-
-
-class SaveOnInterrupt(pl.Callback):
-    """Writes ``last.ckpt`` when Lightning stops training for SIGTERM (a step boundary: the state is whole)."""
-
-    def __init__(self) -> None:
-        self.saved: str | None = None
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or not trainer.training:
-            return
-        keepers = [callback for callback in trainer.callbacks if isinstance(callback, LastCheckpoint)]
-        if not keepers:
-            log.warning("interrupted at step %d; no checkpoint written (callbacks.last is off)", trainer.global_step)
-            return
-        keepers[0].save(trainer)
-        self.saved = str(keepers[0].path)
-        if trainer.is_global_zero:
-            log.warning("interrupted: saved the state after step %d to %s", trainer.global_step, self.saved)
 
 
 class Interruptions:

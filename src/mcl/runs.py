@@ -51,15 +51,12 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def space_problem(path: Path, temporary: Path, error: BaseException) -> NoSpaceLeft | None:
+def space_problem(path: Path, temporary: Path, error: OSError | RuntimeError) -> NoSpaceLeft | None:
     """A :class:`NoSpaceLeft` explaining ``error`` when it comes from a full device (``ENOSPC`` or ``EDQUOT``, or a
     library's own I/O error, such as torch's "basic_ios::clear: iostream error", on a device with almost nothing
     free), else ``None``. It names the file, what had been written, what is free and, when ``path`` already exists
     (a checkpoint rewritten every epoch), about how much was needed."""
-    codes = (errno.ENOSPC, errno.EDQUOT)
-    if isinstance(error, OSError) and error.errno not in codes:
-        return None
-    if not isinstance(error, OSError | RuntimeError):
+    if isinstance(error, OSError) and error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
     try:
         free = shutil.disk_usage(path.parent).free

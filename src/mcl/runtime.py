@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -124,12 +124,10 @@ def cudnn_benchmark() -> bool:
     return bool(OmegaConf.load(Path(CONFIG_DIR) / "trainer" / "gpu.yaml").get("benchmark", False))
 
 
-def instantiate_trainer(
-    cfg: DictConfig, wandb_id: str | None = None, extra_callbacks: Sequence[pl.Callback] = (), **overrides: Any
-) -> pl.Trainer:
+def instantiate_trainer(cfg: DictConfig, wandb_id: str | None = None, **overrides: Any) -> pl.Trainer:
     """The ``cfg.trainer`` Trainer with ``cfg.logger`` loggers (given the resolved config) and ``cfg.callbacks``;
-    ``extra_callbacks`` join those. Checkpoints are written atomically and read with ``weights_only=True``
-    (:mod:`mcl.checkpoints`). A world size that cannot be reached stops here (:func:`mcl.cluster.check_world_size`).
+    checkpoints are written atomically and read with ``weights_only=True`` (:mod:`mcl.checkpoints`). A world size
+    that cannot be reached stops here (:func:`mcl.cluster.check_world_size`).
 
     ``sync_batchnorm: true`` synchronises BatchNorm with :class:`~mcl.syncbn.SyncBatchNormPlugin` rather than torch's
     ``nn.SyncBatchNorm`` (GPUs only, a host sync per call): the Trainer gets the plugin and ``sync_batchnorm=False``
@@ -137,7 +135,7 @@ def instantiate_trainer(
     the plugin when fitting, on CPUs (gloo) and GPUs (NCCL) alike."""
     check_world_size(cfg)
     loggers = instantiate_loggers(cfg, wandb_id)
-    callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers)) + list(extra_callbacks)
+    callbacks = instantiate_callbacks(cfg, has_logger=bool(loggers))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     plugins: list[Any] = [AtomicCheckpointIO()]

@@ -18,7 +18,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mcl.checkpoints import LAST, check_checkpoint_kind, load_checkpoint, newest_loadable
 from mcl.cluster import check_world_size
-from mcl.interrupts import Interruptions, SaveOnInterrupt
+from mcl.interrupts import Interruptions
 from mcl.methods.base import PROGRESS_BAR_LOSS
 from mcl.pyramid import neck_with_defaults
 from mcl.runs import (
@@ -252,7 +252,7 @@ def run_in_folder(
         record("running")
     # Without validation data the validation loop is off, so Lightning does not warn that it has no loaders.
     validation = {} if validates(datamodule) else {"limit_val_batches": 0}
-    trainer = instantiate_trainer(cfg, wandb_id=wandb_id, extra_callbacks=[SaveOnInterrupt()], **validation)
+    trainer = instantiate_trainer(cfg, wandb_id=wandb_id, **validation)
     metrics: dict[str, float] = dict(previous) if ckpt_path else {}
     try:
         with closing_loggers(trainer):
@@ -284,8 +284,8 @@ def run_in_folder(
 
 
 def run_main(cfg: DictConfig) -> float | None:
-    """``mcl-train`` once :mod:`mcl.launch` has composed the config and checked the world size: train, print the
-    summary table (rank 0) and return ``optimized_metric`` to a sweeper."""
+    """``mcl-train`` once :mod:`mcl.launch` has composed the config and checked its values and world size: train,
+    print the summary table (rank 0) and return ``optimized_metric`` to a sweeper."""
     metrics = train(cfg)
     if pl.utilities.rank_zero.rank_zero_only.rank == 0:
         method = str(cfg.method._target_).rsplit(".", 1)[-1]
