@@ -302,6 +302,11 @@ def kinds(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     with torch.device("meta"):  # the keys without the time random initialisation takes
         others = {
             "supervised.ckpt": (SupervisedMultiLevel(**small_trunk(2), num_classes=4), "pretraining"),
+            # Plain supervised: backbone and classifier weights only, as a linear probe's.
+            "supervised_pooled.ckpt": (
+                SupervisedMultiLevel(**small_trunk(1), num_classes=4, classifier_input="pooled_c5"),
+                "pretraining",
+            ),
             "linear.ckpt": (LinearProbe(Backbone("resnet18"), num_classes=4, optimizer=None), "linear probe"),
             "detector.ckpt": (DetectionModule(build_detector("fasterrcnn_v2", "resnet18", 3), None, [0.5]), "detector"),
         }
@@ -328,7 +333,7 @@ def read_any(path: Path) -> dict:
 
 
 def test_checkpoint_kind_tells_which_program_wrote_a_file(kinds):
-    assert len(kinds) == 8
+    assert len(kinds) == 9
     assert {name: checkpoint_kind(read_any(path)) for name, (path, _) in kinds.items()} == {
         name: kind for name, (_, kind) in kinds.items()
     }

@@ -222,7 +222,8 @@ def checkpoint_kind(checkpoint: Mapping[str, Any]) -> str:
 
     - ``"pretraining"``: ``mcl-train`` (a Lightning checkpoint of :class:`mcl.methods.MCL` or
       :class:`mcl.methods.SupervisedMultiLevel`): ``backbone.model.*`` weights beside others (the pyramid, the tile
-      head) and the method's ``hyper_parameters`` (their ``backbone``).
+      head; plain supervised pretraining has only a classifier on pooled C5) and the method's ``hyper_parameters``
+      (their ``backbone``).
     - ``"linear probe"``: ``mcl-linear`` (:class:`mcl.linear.LinearProbe`): ``backbone.model.*`` and ``classifier.*``
       weights and nothing else (no saved hyper-parameters either).
     - ``"detector"``: ``mcl-finetune`` (:class:`mcl.detection.finetune.DetectionModule`): ``detector.*`` weights.
@@ -237,12 +238,14 @@ def checkpoint_kind(checkpoint: Mapping[str, Any]) -> str:
         if keys and all(key.startswith("detector.") for key in keys):
             return "detector"
         if any(key.startswith(BACKBONE_WEIGHTS) for key in keys):
-            classifier = [key for key in keys if key.startswith("classifier.")]
-            if classifier and all(key.startswith((BACKBONE_WEIGHTS, "classifier.")) for key in keys):
-                return "linear probe"
+            # Plain supervised pretraining (a classifier on pooled C5) has a linear probe's keys: its saved
+            # hyper-parameters tell them apart.
             hparams = checkpoint.get("hyper_parameters")
             if isinstance(hparams, Mapping) and "backbone" in hparams:
                 return "pretraining"
+            classifier = [key for key in keys if key.startswith("classifier.")]
+            if classifier and all(key.startswith((BACKBONE_WEIGHTS, "classifier.")) for key in keys):
+                return "linear probe"
         return "unknown"
     if checkpoint.get("__author__") == "mcl" and isinstance(checkpoint.get("model"), Mapping):
         return "export"
