@@ -29,11 +29,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,7 @@ from mcl.detection.probe import PLACES, object_probe_top1, read_objects
 from mcl.knn import knn_top1
 from mcl.linear import feature_probe_top1, frozen_backbone, pooled_features
 from mcl.pyramid import interp_min_image_size
-from mcl.results import compare_means, mean_std
+from mcl.results import compare_nested, mean_std
 from mcl.runtime import CONFIG_DIR
 from mcl.train import train
 
@@ -106,38 +109,41 @@ ROWS: dict[str, list[str] | None] = {
 }
 # Rows whose pretraining needs views of at least this many pixels (what the interp neck accepts).
 MIN_IMAGE_SIZE = {"MCL, 3 levels, interp C5": interp_min_image_size(stage=5, levels=3)}
-DEFAULT_ROWS = (BASELINE, "supervised", "MCL, 1 level", "MCL, 3 levels")
+DEFAULT_ROWS = (BASELINE, "supervised", "supervised multi-level", "MCL, 1 level", "MCL, 3 levels")
 SETTINGS = {
-    # The default: every required row, 3 fine-tuning seeds, within 90 minutes on 2 CPU cores. Pretraining at 32 px
-    # (Fashion-MNIST is 28 px) and a 64-channel FPN/box head keep it there; objects on the 96 px canvases span
-    # 8..72 px, the scales that the 32 px views and their 16 and 8 px montage cells cover.
+    # The default: every required row, 3 pretraining seeds per pretrained row and 2 fine-tuning seeds per pretraining
+    # (random init: 6 seeds, its own initialisation each), within 2 hours on 2 CPU cores with 2 runs at a time.
+    # Pretraining at 32 px (Fashion-MNIST is 28 px) and a 64-channel FPN/box head keep it there; objects on the 96 px
+    # canvases span 8..72 px, the scales that the 32 px views and their 16 and 8 px montage cells cover.
     "default": dict(
-        rows=DEFAULT_ROWS, probe_images=(5000, 2000), pretrain_seeds=1, pretrain_epochs=3, pretrain_images=5760,
-        image_size=32, width=64,
+        rows=DEFAULT_ROWS, probe_images=(5000, 2000), pretrain_seeds=3, pretrain_epochs=3, pretrain_images=5760,
+        image_size=32, width=64, pretrain_workers=0,
         train_canvases=360, heldout_fraction=0.2, val_canvases=300, canvas=96, finetune_epochs=4,
-        lrs=(0.02, 0.05), seeds=3, batch_size=4, rois=32, accelerator="cpu", workers=0, frozen_stages=5,
+        lrs=(0.02, 0.05), seeds=2, batch_size=4, rois=32, accelerator="cpu", workers=0, frozen_stages=5,
     ),
-    # Every row, a second pretraining seed for the MCL rows: the reference table (about 3 hours on 2 CPU cores).
+    # Every row the 32 px views allow, with the default's seeds: the reference table (about 3 hours on 2 CPU cores).
     "full": dict(
-        rows=tuple(ROWS), probe_images=(5000, 2000), pretrain_seeds=2, pretrain_epochs=3, pretrain_images=5760,
-        image_size=32, width=64,
+        rows=tuple(row for row in ROWS if row not in MIN_IMAGE_SIZE), probe_images=(5000, 2000), pretrain_seeds=3,
+        pretrain_epochs=3, pretrain_images=5760, image_size=32, width=64, pretrain_workers=0,
         train_canvases=360, heldout_fraction=0.2, val_canvases=300, canvas=96, finetune_epochs=4,
-        lrs=(0.02, 0.05), seeds=3, batch_size=4, rois=32, accelerator="cpu", workers=0, frozen_stages=5,
+        lrs=(0.02, 0.05), seeds=2, batch_size=4, rois=32, accelerator="cpu", workers=0, frozen_stages=5,
     ),
-    # One GPU in about 10 minutes (an estimate: not yet run): all 60k Fashion-MNIST images for 4 epochs at batch 256
-    # and 64 px, the library's 256-channel FPN, 1,200 canvases of 128 px, the default rows.
+    # One GPU (an estimate, not yet run: about 10 minutes per pretraining seed): all 60k Fashion-MNIST images for 4
+    # epochs at batch 256 and 64 px, the library's 256-channel FPN, 1,200 canvases of 128 px; the default's rows and
+    # seeds.
     "large": dict(
-        rows=DEFAULT_ROWS, probe_images=(10000, 10000), pretrain_seeds=1, pretrain_epochs=4, pretrain_images=60000,
-        image_size=64, width=256, pretrain_overrides=("batch_size=256", "data.num_workers=8"),
+        rows=DEFAULT_ROWS, probe_images=(10000, 10000), pretrain_seeds=3, pretrain_epochs=4, pretrain_images=60000,
+        image_size=64, width=256, pretrain_workers=8, pretrain_overrides=("batch_size=256",),
         train_canvases=1200, heldout_fraction=0.2, val_canvases=600, canvas=128, finetune_epochs=4,
-        lrs=(0.02, 0.05), seeds=3, batch_size=16, rois=64, accelerator="gpu", workers=6, frozen_stages=5,
+        lrs=(0.02, 0.05), seeds=2, batch_size=16, rois=64, accelerator="gpu", workers=6, frozen_stages=5,
     ),
-    # A smoke test of the whole pipeline (the test suite runs it): the baseline and one pretrained row.
+    # A smoke test of the whole pipeline (the test suite runs it): the baseline and one pretrained row, two
+    # pretraining seeds.
     "quick": dict(
-        rows=(BASELINE, "MCL, 3 levels"), probe_images=(500, 200), pretrain_seeds=1, pretrain_epochs=1,
-        pretrain_images=128,
-        image_size=32, width=32, train_canvases=10, heldout_fraction=0.2, val_canvases=6, canvas=64,
-        finetune_epochs=1, lrs=(0.02, 0.05), seeds=2, batch_size=2, rois=16, accelerator="cpu", workers=0,
+        rows=(BASELINE, "MCL, 3 levels"), probe_images=(500, 200), pretrain_seeds=2, pretrain_epochs=1,
+        pretrain_images=128, image_size=32, width=32, pretrain_workers=0,
+        train_canvases=10, heldout_fraction=0.2, val_canvases=6, canvas=64,
+        finetune_epochs=1, lrs=(0.02, 0.05), seeds=1, batch_size=2, rois=16, accelerator="cpu", workers=0,
         frozen_stages=5,
     ),
 }  # fmt: skip
@@ -183,7 +189,7 @@ def pretrain_overrides(row: str, seed: int, s: dict[str, Any]) -> list[str]:
         f"data.train_size={s['pretrain_images']}", f"image_size={s['image_size']}",
         f"neck.out_channels={s['width']}",
         f"trainer.accelerator={s['accelerator']}", "trainer.enable_progress_bar=false", "validate_at_init=false",
-        "logger=csv", *s.get("pretrain_overrides", ()),
+        "logger=csv", f"data.num_workers={s['pretrain_workers']}", *s.get("pretrain_overrides", ()),
     ]  # fmt: skip
 
 
@@ -312,38 +318,125 @@ def fine_tune(
     return cached(folder, settings, lambda: finetune(composed("finetune", overrides, folder / "run")))
 
 
-def run_row(row: str, data: dict[str, Path], s: dict[str, Any], log) -> dict[str, Any]:
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+class Runner:
+    """Runs the benchmark's independent runs (pretrainings, probes, fine-tunings): in this process (``jobs=1``) or
+    in ``jobs`` spawned processes with ``threads`` torch threads each, fed in submission order. On 2 CPU cores two
+    single-threaded runs at a time do 1.6 times the work of one run on both cores (a Faster R-CNN training step at
+    the default settings: 0.23 s on 2 threads, 0.28 s each for two at once; the models are too small to keep two
+    threads busy)."""
+
+    def __init__(self, jobs: int, threads: int) -> None:
+        self.jobs = jobs
+        self.pool = None
+        if jobs > 1:
+            context = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,))
+
+    def submit(self, function, *args) -> Future:
+        if self.pool:
+            return self.pool.submit(function, *args)
+        future: Future = Future()
+        future.set_result(function(*args))
+        return future
+
+    def map_rows(self, function, rows) -> dict[str, Any]:
+        """``{row: function(row)}``, the rows side by side (each waiting on its own runs) when runs go to processes."""
+        if not self.pool:
+            return {row: function(row) for row in rows}
+        with ThreadPoolExecutor(len(rows)) as threads:
+            return dict(zip(rows, threads.map(function, rows), strict=True))
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def run_row(row: str, data: dict[str, Path], s: dict[str, Any], log, runner: Runner) -> dict[str, Any]:
+    """One row: its pretrainings (``pretrain_seeds``), each probed frozen; the learning rate chosen once per row on
+    the first pretraining (fine-tuning seed 0, held-out canvases); then ``seeds`` fine-tunings at that rate from each
+    pretraining. Random init has no pretraining to repeat: its ``pretrain_seeds x seeds`` fine-tunings each start
+    from their own seeded initialisation, one group."""
+    pretrained = ROWS[row] is not None
+    pretrain_seeds = list(range(s["pretrain_seeds"] if pretrained else 1))
+    if pretrained:
+        jobs = [runner.submit(pretrain, row, seed, s) for seed in pretrain_seeds]
+        pretrainings = [job.result() for job in jobs]
+    else:
+        pretrainings = [None]
+    checkpoints = [p["checkpoint"] if p else None for p in pretrainings]
+    probes = [runner.submit(probe, row, seed, c, s, data) for seed, c in zip(pretrain_seeds, checkpoints, strict=True)]
+    # One learning rate: nothing to choose, no held-out runs.
+    lrs = s["lrs"] if len(s["lrs"]) > 1 else ()
+    grid_jobs = {lr: runner.submit(fine_tune, row, checkpoints[0], lr, 0, "heldout", data, s) for lr in lrs}
+    grid = {lr: job.result() for lr, job in grid_jobs.items()}
+    best_lr = max(grid, key=lambda lr: grid[lr]["val/AP"]) if grid else s["lrs"][0]
+    tune_seeds = range(s["seeds"] if pretrained else s["seeds"] * s["pretrain_seeds"])
+    run_jobs = [
+        [runner.submit(fine_tune, row, c, best_lr, seed, "val", data, s) for seed in tune_seeds] for c in checkpoints
+    ]
     result: dict[str, Any] = {"pretrainings": []}
-    pretrain_seeds = s["pretrain_seeds"] if ROWS[row] and row.startswith("MCL") else 1
-    for pretrain_seed in range(pretrain_seeds):
-        pretrained = pretrain(row, pretrain_seed, s) if ROWS[row] else None
-        checkpoint = pretrained["checkpoint"] if pretrained else None
-        frozen = probe(row, pretrain_seed, checkpoint, s, data)
-        # One learning rate: nothing to choose, no held-out runs.
-        lrs = s["lrs"] if len(s["lrs"]) > 1 else ()
-        grid = {lr: fine_tune(row, checkpoint, lr, 0, "heldout", data, s) for lr in lrs}
-        best_lr = max(grid, key=lambda lr: grid[lr]["val/AP"]) if grid else s["lrs"][0]
-        runs = [fine_tune(row, checkpoint, best_lr, seed, "val", data, s) for seed in range(s["seeds"])]
+    for index, (seed, pretrained_run) in enumerate(zip(pretrain_seeds, pretrainings, strict=True)):
+        runs = [job.result() for job in run_jobs[index]]
         result["pretrainings"].append(
             {
-                "seed": pretrain_seed,
-                "pretrain_s": pretrained["seconds"] if pretrained else 0.0,
-                "pretrain_metrics": pretrained["metrics"] if pretrained else {},
-                **frozen,
-                "heldout_ap_by_lr": {f"{lr:g}": grid[lr]["val/AP"] for lr in grid},
+                "seed": seed,
+                "pretrain_s": pretrained_run["seconds"] if pretrained_run else 0.0,
+                "pretrain_metrics": pretrained_run["metrics"] if pretrained_run else {},
+                **probes[index].result(),
+                # The grid ran on the first pretraining; its lr holds for the row.
+                "heldout_ap_by_lr": {f"{lr:g}": grid[lr]["val/AP"] for lr in grid} if index == 0 else {},
                 "lr": best_lr,
-                "grid_s": sum(g["seconds"] for g in grid.values()),
+                "grid_s": sum(g["seconds"] for g in grid.values()) if index == 0 else 0.0,
                 "runs": runs,
             }
         )
         aps = ", ".join(f"{r['val/AP']:.2f}" for r in runs)
-        log(f"{row} (pretraining seed {pretrain_seed}): lr {best_lr:g}, AP {aps}")
+        log(f"{row} (pretraining seed {seed}): lr {best_lr:g}, AP {aps}")
     return result
 
 
-def seed_values(result: dict[str, Any], stat: str, pretraining: int | None = 0) -> list[float]:
-    chosen = result["pretrainings"] if pretraining is None else result["pretrainings"][pretraining : pretraining + 1]
-    return [run[f"val/{stat}"] for p in chosen for run in p["runs"]]
+def groups(result: dict[str, Any], stat: str | Callable[[dict[str, Any]], float]) -> list[list[float]]:
+    """``stat`` (a metric's name after ``val/``, or a function of a run's metrics) of every fine-tuning, one list
+    per pretraining seed."""
+    value = stat if callable(stat) else lambda run: run[f"val/{stat}"]
+    return [[value(run) for run in p["runs"]] for p in result["pretrainings"]]
+
+
+def pooled(result: dict[str, Any], stat: str) -> tuple[float, float]:
+    """A row's ``stat``: the mean of its per-pretraining means, and the spread a reader should see: the standard
+    deviation of the per-pretraining means (pretraining spread plus what fine-tuning noise is left in each mean);
+    with one pretraining (random init, or one seed) the standard deviation over its fine-tuning seeds."""
+    row_groups = groups(result, stat)
+    if len(row_groups) == 1:
+        return mean_std(row_groups[0])
+    return mean_std([mean_std(group)[0] for group in row_groups])
+
+
+def pretraining_mean(result: dict[str, Any], key_name: str) -> tuple[float, float]:
+    """Mean and standard deviation over pretraining seeds of a per-pretraining value (a kNN or linear top-1)."""
+    return mean_std([p[key_name] for p in result["pretrainings"]])
+
+
+def frozen_cell(result: dict[str, Any], key_name: str) -> str:
+    """A per-pretraining value for a table: ``mean ± std`` over pretraining seeds, the value alone with one."""
+    mean, std = pretraining_mean(result, key_name)
+    return f"{mean:.1f} ± {std:.1f}" if len(result["pretrainings"]) > 1 else f"{mean:.1f}"
+
+
+def versus(
+    results: dict[str, dict], row: str, baseline: str, stat: str | Callable[[dict[str, Any]], float]
+) -> dict[str, float | str]:
+    """``row`` against ``baseline`` on ``stat`` (:func:`mcl.results.compare_nested`): gap of the means, twice the
+    nested standard error, verdict. A pretrained side with fewer than two pretraining seeds is never called better
+    or worse."""
+    comparison = compare_nested(groups(results[row], stat), groups(results[baseline], stat))
+    if ROWS[baseline] is not None and len(results[baseline]["pretrainings"]) < 2:
+        comparison["verdict"] = "within noise"
+    return comparison
 
 
 def run_minutes(results: dict[str, dict], pixels: dict) -> float:
@@ -364,13 +457,13 @@ def machine() -> str:
 def markdown(
     results: dict[str, dict], s: dict[str, Any], name: str, spread: dict, ranges, minutes: float, pixels: dict
 ) -> str:
-    pm = lambda values: "{:.1f} ± {:.1f}".format(*mean_std(values))  # noqa: E731
+    pm = lambda pair: "{:.1f} ± {:.1f}".format(*pair)  # noqa: E731
 
-    def versus(row: str, stat: str) -> str:
-        """The row's ``stat`` against random init's: the gap, twice its standard error and the verdict."""
+    def against_baseline(row: str, stat: str) -> str:
+        """The row's ``stat`` against random init's: the gap, twice its nested standard error and the verdict."""
         if row == BASELINE:
             return "-"
-        c = compare_means(seed_values(results[row], stat), seed_values(results[BASELINE], stat))
+        c = versus(results, row, BASELINE, stat)
         return f"{c['gap']:+.1f} ± {c['two_se']:.1f}: {c['verdict']}"
 
     # The fine-tuning overrides beyond the frozen stages, which the text names on their own.
@@ -405,14 +498,24 @@ def markdown(
             if len(s["lrs"]) > 1
             else f"lr {s['lrs'][0]:g} for every row, "
         )
-        + f"{s['seeds']} fine-tuning seeds at that lr on all training canvases, evaluated on {s['val_canvases']} "
+        + f"{s['pretrain_seeds']} pretraining seeds per pretrained row, each fine-tuned with {s['seeds']} seeds at "
+        f"that lr (random init: {s['pretrain_seeds'] * s['seeds']} seeds, each its own initialisation) on all "
+        f"training canvases, evaluated on {s['val_canvases']} "
         f"validation canvases (items of Fashion-MNIST's test split). Object scale sqrt(area): mean "
         f"{spread['mean']:.1f} px, std {spread['std']:.1f} px; area thirds (APs3/APm3/APl3) split at "
         f"{ranges[0][1]:.0f} and {ranges[1][1]:.0f} px².",
         "",
-        "AP is mean ± std over fine-tuning seeds; *vs random init* is the gap of the means with twice its combined "
-        "standard error, and a row is called better or worse only when the gap exceeds it. Fine-tune minutes count "
-        "the learning-rate grid and the seeds. kNN and linear top-1: frozen pooled C5 on "
+        "A row's AP is the mean over its pretraining seeds of each pretraining's mean over its fine-tuning seeds, "
+        "± the standard deviation of those per-pretraining means (random init: ± the std over its seeds); *AP per "
+        "pretraining* lists the per-pretraining means (random init: its seeds). *vs random init* is the gap of the "
+        "means with twice its nested standard error (per side, the std of the per-pretraining means over "
+        "sqrt(pretraining seeds), which holds the pretraining spread; random init's: the std over its seeds over "
+        "sqrt(seeds)), and a row is called better or worse only when the gap exceeds it, and only with 2 "
+        "pretraining seeds or more. kNN, linear and object top-1 are means ± std over pretraining seeds. Pretrain "
+        "and fine-tune minutes are per run (the fine-tuning's: the mean of the row's runs, the grid's included), "
+        f"each measured beside {s['jobs'] - 1} other run{'s' if s['jobs'] > 2 else ''} when the benchmark ran "
+        f"{s['jobs']} at a time. "
+        "kNN and linear top-1: frozen pooled C5 on "
         f"{s['probe_images'][1]} Fashion-MNIST test images ({s['probe_images'][0]} training images as bank and probe "
         f"training set); the normalised pixels themselves give {pixels['knn_top1']:.1f} and "
         f"{pixels['linear_top1']:.1f}. *Objects*: linear top-1 on the validation canvases' objects from the frozen "
@@ -421,7 +524,7 @@ def markdown(
         "(alone at a random place).",
         "",
         "| pretraining | kNN top-1 | linear top-1 | objects in place | objects centred | objects moved | lr | AP "
-        "| AP per seed | AP50 | AP75 | vs random init |"
+        "| AP per pretraining | AP50 | AP75 | vs random init |"
         + (" mask AP | mask vs random init |" if masks else "")
         + " pretrain min | fine-tune min |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
@@ -429,44 +532,51 @@ def markdown(
         + " ---: | ---: |",
     ]
     for row, result in results.items():
-        first = result["pretrainings"][0]
-        mask = f" {pm(seed_values(result, 'mask_AP'))} | {versus(row, 'mask_AP')} |" if masks else ""
-        tune_min = (first["grid_s"] + sum(r["seconds"] for r in first["runs"])) / 60
-        seeds = " / ".join(f"{ap:.1f}" for ap in seed_values(result, "AP"))
-        pre = f"{first['pretrain_s'] / 60:.1f}" if row != BASELINE else "-"
+        pretrainings = result["pretrainings"]
+        mask = f" {pm(pooled(result, 'mask_AP'))} | {against_baseline(row, 'mask_AP')} |" if masks else ""
+        all_runs = [run for p in pretrainings for run in p["runs"]]
+        grid_s = sum(p["grid_s"] for p in pretrainings)
+        tune_min = (grid_s + sum(run["seconds"] for run in all_runs)) / 60 / (len(all_runs) + len(s["lrs"]) - 1)
+        per_pretraining = groups(result, "AP") if len(pretrainings) > 1 else [[ap] for ap in groups(result, "AP")[0]]
+        seeds = " / ".join(f"{mean_std(group)[0]:.1f}" for group in per_pretraining)
+        pre = f"{mean_std([p['pretrain_s'] / 60 for p in pretrainings])[0]:.1f}" if row != BASELINE else "-"
         objects = " | ".join(
-            f"{first[f'objects_{place}_top1']:.1f}" if f"objects_{place}_top1" in first else "-" for place in PLACES
+            frozen_cell(result, f"objects_{place}_top1") if f"objects_{place}_top1" in pretrainings[0] else "-"
+            for place in PLACES
         )
         lines.append(
-            f"| {row} | {first['knn_top1']:.1f} | {first['linear_top1']:.1f} | {objects} | {first['lr']:g} | "
-            f"{pm(seed_values(result, 'AP'))} | {seeds} | {pm(seed_values(result, 'AP50'))} | "
-            f"{pm(seed_values(result, 'AP75'))} | {versus(row, 'AP')} |{mask} {pre} | {tune_min:.1f} |"
+            f"| {row} | {frozen_cell(result, 'knn_top1')} | {frozen_cell(result, 'linear_top1')} | "
+            f"{objects} | {pretrainings[0]['lr']:g} | {pm(pooled(result, 'AP'))} | {seeds} | "
+            f"{pm(pooled(result, 'AP50'))} | {pm(pooled(result, 'AP75'))} | {against_baseline(row, 'AP')} |{mask} "
+            f"{pre} | {tune_min:.1f} |"
         )
     scales = ("APs3", "APm3", "APl3", "APs", "APm", "APl")
     lines += [
         "",
-        "By object size: the objects' own area thirds (APs3/APm3/APl3) and COCO's 32²/96² ranges (APs/APm/APl):",
+        "By object size: the objects' own area thirds (APs3/APm3/APl3) and COCO's 32²/96² ranges (APs/APm/APl), "
+        "means and spreads as AP's:",
         "",
         "| pretraining | " + " | ".join(scales) + " |",
         "| --- | " + " | ".join("---:" for _ in scales) + " |",
     ]
     for row, result in results.items():
-        lines.append(f"| {row} | " + " | ".join(pm(seed_values(result, stat)) for stat in scales) + " |")
-    extra = [(row, r) for row, r in results.items() if len(r["pretrainings"]) > 1]
-    if extra:
-        lines += ["", "Second pretraining seed (same protocol, its own lr choice):", ""]
-        lines += ["| pretraining | seed | kNN top-1 | linear top-1 | lr | AP | AP, both pretraining seeds |"]
+        lines.append(f"| {row} | " + " | ".join(pm(pooled(result, stat)) for stat in scales) + " |")
+    repeated = [(row, r) for row, r in results.items() if len(r["pretrainings"]) > 1]
+    if repeated:
+        lines += ["", "Each pretraining seed (AP: mean ± std over its fine-tuning seeds):", ""]
+        lines += ["| pretraining | seed | kNN top-1 | linear top-1 | AP | AP per fine-tuning seed | pretrain min |"]
         lines += ["| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for row, result in extra:
-            for index, p in enumerate(result["pretrainings"][1:], start=1):
+        for row, result in repeated:
+            for p, aps in zip(result["pretrainings"], groups(result, "AP"), strict=True):
                 lines.append(
-                    f"| {row} | {p['seed']} | {p['knn_top1']:.1f} | {p['linear_top1']:.1f} | {p['lr']:g} | "
-                    f"{pm(seed_values(result, 'AP', index))} | {pm(seed_values(result, 'AP', None))} |"
+                    f"| {row} | {p['seed']} | {p['knn_top1']:.1f} | {p['linear_top1']:.1f} | {pm(mean_std(aps))} | "
+                    + " / ".join(f"{ap:.1f}" for ap in aps)
+                    + f" | {p['pretrain_s'] / 60:.1f} |"
                 )
     if len(s["lrs"]) > 1:
         lines += [
             "",
-            "Held-out AP (fine-tuning seed 0) for each learning rate of the grid:",
+            "Held-out AP (the first pretraining, fine-tuning seed 0) for each learning rate of the grid:",
             "",
             "| pretraining | " + " | ".join(f"lr {lr:g}" for lr in s["lrs"]) + " |",
             "| --- | " + " | ".join("---:" for _ in s["lrs"]) + " |",
@@ -477,10 +587,10 @@ def markdown(
     parts = list(results[BASELINE]["pretrainings"][0]["runs"][0]["weights"])
     lines += [
         "",
-        "Weights (fine-tuning seed 0): norm of the conv/linear weights of each part when fine-tuning starts, as a "
-        "multiple of the random initialisation's, and in brackets how far fine-tuning moved them "
-        "(`||w_end - w_start|| / ||w_start||`, in %). A conv followed by BatchNorm is scale-invariant: its effective "
-        "step is lr / ||w||², so weights k times larger move k² times less for the same lr."
+        "Weights (the first pretraining, fine-tuning seed 0): norm of the conv/linear weights of each part when "
+        "fine-tuning starts, as a multiple of the random initialisation's, and in brackets how far fine-tuning moved "
+        "them (`||w_end - w_start|| / ||w_start||`, in %). A conv followed by BatchNorm is scale-invariant: its "
+        "effective step is lr / ||w||², so weights k times larger move k² times less for the same lr."
         + (" The C4 detector's box_head is the ResNet's res5." if c4 else ""),
         "",
         "| pretraining | " + " | ".join(parts) + " |",
@@ -497,13 +607,145 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+# The paper's claims this benchmark can test: (label, claim, row, baseline, how a "better" verdict reads).
+CLAIMS = (
+    ("a", "3 levels beat 1 level: the montage pretext helps dense transfer", "MCL, 3 levels", "MCL, 1 level"),
+    ("b", "MCL beats random initialisation", "MCL, 3 levels", BASELINE),
+    ("c", "supervised multi-level beats plain supervised (pretext/downstream alignment, appendix Fig. 4)",
+     "supervised multi-level", "supervised"),
+)  # fmt: skip
+SIMILAR = ("d", "supervised multi-level performs similarly to MCL", "supervised multi-level", "MCL, 3 levels")
+# Fig. 6: the AP gain of MCL over its supervised counterpart grows with the IoU threshold.
+IOU_CLAIM = ("e", "the gain of MCL grows with the IoU threshold (Fig. 6)", "MCL, 3 levels", ("supervised", BASELINE))
+
+
+def load_cost(path: Path) -> dict[str, Any] | None:
+    """``make bench``'s figures (``benchmarks/results/cost.json``), or None when it has not run."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def cost_claim(cost: dict[str, Any] | None) -> list[str]:
+    """Claim (f): the 3-level online network costs about 1.31x one level (B, B/4, B/16 images per level)."""
+    if cost is None:
+        return [
+            "| f | 3-level online cost is about 1.31x one level | - | `make bench` has not run | - | not measured |"
+        ]
+    cells = []
+    for setting in cost["settings"]:
+        row = next((r for r in setting["rows"] if r["levels"] == 3), None)
+        if row is None:
+            continue
+        time_ratio = row.get("time", {}).get("ratio")
+        cells.append(
+            f"{setting['name']}: backbone images {row['flops']['online_backbone_ratio']:.3f}x, online FLOPs "
+            f"{row['flops']['online_ratio']:.2f}x" + (f", step time {time_ratio:.2f}x" if time_ratio else "")
+        )
+    device = cost["environment"]["device"]
+    backbone = [r["flops"]["online_backbone_ratio"] for st in cost["settings"] for r in st["rows"] if r["levels"] == 3]
+    verdict = (
+        "shown for the backbone's share (the count the paper makes); the whole online network (neck, head, "
+        "projector and predictors run on every montage) and the step time cost more"
+        if backbone and all(abs(b - 1.3125) < 0.01 for b in backbone)
+        else "not shown"
+    )
+    return [
+        f"| f | 3-level online cost is about 1.31x one level (1 + 1/4 + 1/16 = 1.3125) | - | "
+        f"{'; '.join(cells)} (`make bench`, {device}, {cost['environment']['threads']} threads) | - | {verdict} |"
+    ]
+
+
+def claims(results: dict[str, dict], s: dict[str, Any], name: str, cost: dict[str, Any] | None) -> str:
+    """The claims table: one line per claim of the paper this benchmark can test, its rows' numbers, the comparison
+    and a verdict, with the rows' frozen kNN and linear top-1 beside them (linear accuracy need not follow)."""
+
+    def frozen(row: str) -> str:
+        knn, linear = (pretraining_mean(results[row], k)[0] for k in ("knn_top1", "linear_top1"))
+        return f"{knn:.1f} / {linear:.1f}"
+
+    def ap(row: str) -> str:
+        return "{:.1f} ± {:.1f}".format(*pooled(results[row], "AP"))
+
+    missing = lambda *rows: [row for row in rows if row not in results]  # noqa: E731
+    lines = [
+        f"# The paper's claims on the transfer benchmark ({name})",
+        "",
+        f"Generated by `{s['command']}` from its cached runs (`benchmarks/results/transfer"
+        f"{'' if name == 'default' else '_' + name}.md` holds the protocol and every number), on {machine()}: "
+        f"{s['pretrain_seeds']} pretraining seeds per pretrained row, {s['seeds']} fine-tuning seeds per pretraining. "
+        "AP is the mean over pretraining seeds ± the std of the per-pretraining means; a gap is shown with twice "
+        "its nested standard error (the pretraining spread included), and a claim is *shown* only when the gap "
+        "exceeds it; *not shown at this scale* when it does not. kNN / linear: frozen pooled-C5 top-1 on "
+        "Fashion-MNIST test images, means over pretraining seeds, kept beside the detection numbers because the "
+        "paper finds that linear accuracy need not follow dense transfer.",
+        "",
+        "| claim | the paper says | row vs baseline | measured (AP) | gap ± 2 SE | verdict | kNN / linear |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, text, row, baseline in CLAIMS:
+        if missing(row, baseline):
+            lines.append(
+                f"| {label} | {text} | {row} vs {baseline} | rows {missing(row, baseline)} not run | - | - | - |"
+            )
+            continue
+        c = versus(results, row, baseline, "AP")
+        verdict = {"better": "shown", "worse": "contradicted at this scale"}.get(
+            c["verdict"], "not shown at this scale"
+        )
+        lines.append(
+            f"| {label} | {text} | {row} vs {baseline} | {ap(row)} vs {ap(baseline)} | "
+            f"{c['gap']:+.1f} ± {c['two_se']:.1f} | {verdict} | {frozen(row)} vs {frozen(baseline)} |"
+        )
+    label, text, row, baseline = SIMILAR
+    if missing(row, baseline):
+        lines.append(f"| {label} | {text} | {row} vs {baseline} | rows {missing(row, baseline)} not run | - | - | - |")
+    else:
+        c = versus(results, row, baseline, "AP")
+        verdict = (
+            f"consistent at this scale: the gap is within noise (it is not shown to be smaller than "
+            f"{abs(c['gap']) + c['two_se']:.1f} AP)"
+            if c["verdict"] == "within noise"
+            else f"not shown: supervised multi-level is {c['verdict']} beyond noise"
+        )
+        lines.append(
+            f"| {label} | {text} | {row} vs {baseline} | {ap(row)} vs {ap(baseline)} | "
+            f"{c['gap']:+.1f} ± {c['two_se']:.1f} | {verdict} | {frozen(row)} vs {frozen(baseline)} |"
+        )
+    label, text, row, baselines = IOU_CLAIM
+    for baseline in baselines:
+        if missing(row, baseline):
+            lines.append(
+                f"| {label} | {text} | {row} vs {baseline} | rows {missing(row, baseline)} not run | - | - | - |"
+            )
+            continue
+        # The gain at IoU 0.75 minus the gain at IoU 0.5: a comparison of each run's AP75 - AP50.
+        c = versus(results, row, baseline, lambda run: run["val/AP75"] - run["val/AP50"])
+        gains = [pooled(results[row], stat)[0] - pooled(results[baseline], stat)[0] for stat in ("AP50", "AP75")]
+        verdict = {"better": "shown", "worse": "contradicted at this scale"}.get(
+            c["verdict"], "not shown at this scale"
+        )
+        paper = " (the paper's baseline)" if baseline == "supervised" else ""
+        lines.append(
+            f"| {label} | {text} | {row} vs {baseline}{paper} | gain at IoU 0.5 {gains[0]:+.1f}, at 0.75 "
+            f"{gains[1]:+.1f} | {c['gap']:+.1f} ± {c['two_se']:.1f} (gain at 0.75 minus gain at 0.5) | {verdict} | "
+            f"{frozen(row)} vs {frozen(baseline)} |"
+        )
+    lines += cost_claim(cost)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     for name in ("quick", "full", "large"):
         group.add_argument(f"--{name}", action="store_true", help=f"the {name!r} settings (see SETTINGS)")
-    parser.add_argument("--seeds", type=int, help="fine-tuning seeds per row (default: the settings')")
+    parser.add_argument("--seeds", type=int, help="fine-tuning seeds per pretraining (default: the settings')")
+    parser.add_argument("--pretrain-seeds", type=int, help="pretraining seeds per pretrained row (default: settings')")
+    parser.add_argument(
+        "--jobs", type=int,
+        help="runs at a time, each in its own process with cores/jobs torch threads (default: 2 on 2+ CPU cores, "
+        "1 on a GPU)",
+    )  # fmt: skip
     parser.add_argument(
         "--rows",
         help="rows instead of the settings', joined by ',' (random init is always run): 'supervised,MCL, 1 level'",
@@ -540,18 +782,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="results go to transfer_<tag>.md/.json/.png instead of the settings' name")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="where runs are cached (benchmarks/runs)")
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where tables and plots go")
+    parser.add_argument(
+        "--cost", type=Path, default=ROOT / "results" / "cost.json",
+        help="make bench's cost figures, for the claims table's cost line (benchmarks/results/cost.json)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     name = next((n for n in ("quick", "full", "large") if getattr(args, n)), "default")
     shown = [
         arg
         for i, arg in enumerate(argv)
-        if arg not in ("--runs", "--results") and argv[i - 1 : i] not in (["--runs"], ["--results"])
+        if arg not in ("--runs", "--results", "--cost")
+        and argv[i - 1 : i] not in (["--runs"], ["--results"], ["--cost"])
     ]
     s = dict(SETTINGS[name])
     s["command"] = shlex.join(["python", "benchmarks/transfer.py", *shown])
     s["runs"] = args.runs
     if args.seeds:
         s["seeds"] = args.seeds
+    if args.pretrain_seeds:
+        s["pretrain_seeds"] = args.pretrain_seeds
+    cores = os.cpu_count() or 1
+    s["jobs"] = args.jobs or (min(2, cores) if s["accelerator"] == "cpu" else 1)
+    if s["jobs"] < 1:
+        parser.error(f"--jobs {s['jobs']}: at least 1")
     if args.rows:
         rows = [row.strip() for row in re.split(r",(?! )", args.rows)]  # row names hold ", "
         unknown = [row for row in rows if row not in ROWS]
@@ -601,8 +854,15 @@ def main(argv: list[str] | None = None) -> None:
         "train_images": root / "train",
         "val_images": root / "val",
     }
-    results = {row: run_row(row, data, s, log) for row in s["rows"]}
-    pixels = probe("pixels", 0, None, s, pixels=True)
+    runner = Runner(s["jobs"], max(1, cores // s["jobs"]))
+    failed = True
+    try:
+        pixels_job = runner.submit(probe, "pixels", 0, None, s, None, True)
+        results = runner.map_rows(lambda row: run_row(row, data, s, log, runner), s["rows"])
+        pixels = pixels_job.result()
+        failed = False
+    finally:
+        runner.close(cancel=failed)
     first_run = results[BASELINE]["pretrainings"][0]["runs"][0]
     spread = object_scale_spread(data["val"])
     minutes = (time.perf_counter() - started) / 60
@@ -617,8 +877,9 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"settings": settings, "minutes": minutes, "run_minutes": run_minutes(results, pixels)}
     summary.update({"spread": spread, "pixel_probe": pixels, "rows": results})
     (results_dir / f"transfer{suffix}.json").write_text(json.dumps(summary, indent=1, default=str))
+    (results_dir / f"claims{suffix}.md").write_text(claims(results, s, name, load_cost(args.cost)))
     curves = {
-        row: [{float(t): ap for t, ap in run["ap_by_iou"].items()} for run in r["pretrainings"][0]["runs"]]
+        row: [{float(t): ap for t, ap in run["ap_by_iou"].items()} for p in r["pretrainings"] for run in p["runs"]]
         for row, r in results.items()
     }
     plot_ap_by_iou_seeds(curves, BASELINE, results_dir / f"transfer_ap_by_iou{suffix}.png")
