@@ -19,7 +19,7 @@ help:
 	@echo "make bench-data images/s of the CPU and device view pipelines and of the model step -> benchmarks/results/data.md"
 	@echo "make gpu-check GPU acceptance check, every figure in one run (<= 8 min on one card) -> benchmarks/results/gpu_check.md; ARGS=--quick on the CPU"
 	@echo "make faults  kill, rerun and concurrent-run cases against mcl-train -> benchmarks/results/faults.md"
-	@echo "make transfer transfer benchmark: 4 rows x Faster R-CNN fine-tuning, lr grid + 3 seeds each (< 90 min); ARGS=--full"
+	@echo "make transfer transfer benchmark: 5 rows, 3 pretraining x 2 fine-tuning seeds each, lr grid, claims table (< 2 h on 2 cores) -> benchmarks/results/{transfer,claims}.md; ARGS=--full"
 	@echo "make notebooks install JupyterLab into the venv (the [notebooks] extra) and open notebooks/"
 	@echo "make clean   remove the venv, outputs and caches"
 

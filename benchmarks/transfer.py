@@ -475,7 +475,7 @@ def markdown(
         "",
         f"Produced by `{s['command']}` "
         f"on {machine()}: {run_minutes(results, pixels):.0f} min of pretraining, probing and fine-tuning in all "
-        f"(the sum of every run's time; this invocation took {minutes:.0f} min, reusing cached runs). "
+        f"(the sum of every run's time; this invocation took {minutes:.0f} min, reusing the runs it found cached). "
         f"Pretraining: {s['pretrain_epochs']} epochs on "
         f"{s['pretrain_images']} Fashion-MNIST training images (ResNet-18, {s['image_size']} px, neck and tile head "
         f"{s['width']} channels; otherwise the library's CPU recipe: batch 64, LARS for MCL, SGD for supervised; "
@@ -723,6 +723,11 @@ def claims(results: dict[str, dict], s: dict[str, Any], name: str, cost: dict[st
         verdict = {"better": "shown", "worse": "contradicted at this scale"}.get(
             c["verdict"], "not shown at this scale"
         )
+        if c["verdict"] == "better" and gains[1] <= 0:
+            # Below the baseline at both thresholds, a gap that shrinks as every AP falls toward 0 is no gain.
+            verdict = (
+                "not shown: no gain at either threshold; the deficit narrows as every AP falls toward 0 at high IoU"
+            )
         paper = " (the paper's baseline)" if baseline == "supervised" else ""
         lines.append(
             f"| {label} | {text} | {row} vs {baseline}{paper} | gain at IoU 0.5 {gains[0]:+.1f}, at 0.75 "

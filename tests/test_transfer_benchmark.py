@@ -13,20 +13,37 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
 
 
-def test_quick_transfer_benchmark_writes_the_table_and_resumes_from_its_cache(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--quick", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path)]
+def test_quick_transfer_benchmark_writes_the_tables_and_resumes_from_its_cache(tmp_path):
+    """Two runs at a time (``--jobs 2``, each in its own process); two pretraining seeds, one fine-tuning seed
+    each, the lr chosen once per row on the first pretraining; random init gets as many seeds in one group."""
+    command = [
+        sys.executable, str(SCRIPT), "--quick", "--jobs", "2", "--runs", str(tmp_path / "runs"),
+        "--results", str(tmp_path),
+    ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, text=True)
     summary = json.loads((tmp_path / "transfer_quick.json").read_text())
     assert list(summary["rows"]) == ["random init", "MCL, 3 levels"]
-    for row in summary["rows"].values():
-        (pretraining,) = row["pretrainings"]
-        assert pretraining["lr"] in (0.02, 0.05) and set(pretraining["heldout_ap_by_lr"]) == {"0.02", "0.05"}
-        assert len(pretraining["runs"]) == 2 and 0 <= pretraining["knn_top1"] <= 100
-        places = ("in_place", "centred", "moved")
-        assert all(0 <= pretraining[f"objects_{place}_top1"] <= 100 for place in places)
-        assert all(0 <= run["val/APm3"] <= 100 and len(run["ap_by_iou"]) == 10 for run in pretraining["runs"])
+    baseline, mcl = summary["rows"]["random init"]["pretrainings"], summary["rows"]["MCL, 3 levels"]["pretrainings"]
+    assert [p["seed"] for p in mcl] == [0, 1] and [len(p["runs"]) for p in mcl] == [1, 1]
+    assert [p["seed"] for p in baseline] == [0] and len(baseline[0]["runs"]) == 2
+    for pretrainings in (baseline, mcl):
+        first = pretrainings[0]
+        assert first["lr"] in (0.02, 0.05) and set(first["heldout_ap_by_lr"]) == {"0.02", "0.05"}
+        assert all(p["lr"] == first["lr"] and p["heldout_ap_by_lr"] == {} for p in pretrainings[1:])
+        for pretraining in pretrainings:
+            assert 0 <= pretraining["knn_top1"] <= 100
+            assert all(0 <= pretraining[f"objects_{place}_top1"] <= 100 for place in ("in_place", "centred", "moved"))
+            assert all(0 <= run["val/APm3"] <= 100 and len(run["ap_by_iou"]) == 10 for run in pretraining["runs"])
+    # Two distinct pretrainings, each with its own checkpoint, probed and fine-tuned from it.
+    runs = sorted(path.name.rsplit("_", 1)[0] for path in (tmp_path / "runs").iterdir())
+    assert runs.count("pretrain_MCL_3_levels_seed0") == 1 and runs.count("pretrain_MCL_3_levels_seed1") == 1
+    assert mcl[0]["knn_top1"] != mcl[1]["knn_top1"] or mcl[0]["linear_top1"] != mcl[1]["linear_top1"]
     table = (tmp_path / "transfer_quick.md").read_text()
     assert "| MCL, 3 levels |" in table and " ± " in table and "vs random init" in table and "objects moved" in table
+    assert "Each pretraining seed" in table and "| MCL, 3 levels | 1 |" in table
+    claims = (tmp_path / "claims_quick.md").read_text()
+    assert "| b | MCL beats random initialisation | MCL, 3 levels vs random init |" in claims
+    assert "rows ['MCL, 1 level'] not run" in claims and "| f |" in claims
     assert (tmp_path / "transfer_ap_by_iou_quick.png").stat().st_size > 10_000
     # A second run finds every result in its cache: no training, same numbers.
     rerun = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -39,7 +56,8 @@ def test_quick_c4_transfer_fine_tunes_mask_rcnn_c4_from_the_interp_neck(tmp_path
     mask AP per row; the interp pretraining row reads C4 at the benchmark's 32 px."""
     command = [
         sys.executable, str(SCRIPT), "--quick", "--arch", "maskrcnn_c4", "--rows", "MCL, 3 levels, interp C4",
-        "--lrs", "0.02", "--seeds", "1", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path), "--tag", "c4",
+        "--lrs", "0.02", "--seeds", "1", "--pretrain-seeds", "1", "--runs", str(tmp_path / "runs"),
+        "--results", str(tmp_path), "--tag", "c4",
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, text=True)
     summary = json.loads((tmp_path / "transfer_c4.json").read_text())

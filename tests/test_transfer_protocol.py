@@ -1,6 +1,9 @@
-"""The transfer benchmark's protocol pieces: held-out split, area thirds, seed statistics, weight report, probe."""
+"""The transfer benchmark's protocol pieces: held-out split, area thirds, seed statistics, weight report, probe,
+claims table."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from mcl.detection.coco import THIRD_NAMES, area_thirds, coco_evaluate, split_an
 from mcl.detection.finetune import weight_report
 from mcl.linear import feature_probe_top1
 from mcl.results import compare_means, mean_std
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def square_dataset(sides):
@@ -112,3 +117,86 @@ def test_feature_probe_separates_separable_features_and_not_noise():
     noise = torch.randn(300, 16, generator=generator)
     chance = feature_probe_top1((noise[:200], labels[:200]), (noise[200:], labels[200:]))
     assert chance < 60.0
+
+
+def transfer_module():
+    """``benchmarks/transfer.py`` as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("transfer_benchmark", BENCHMARKS / "transfer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pretrained_row(aps_per_pretraining, knn=50.0):
+    """A row of the transfer benchmark's results: one pretraining per list of fine-tuning APs (AP50 = AP + 10,
+    AP75 = AP - 1 in every run)."""
+    return {
+        "pretrainings": [
+            {
+                "seed": seed, "knn_top1": knn + seed, "linear_top1": knn + 10,
+                "runs": [{"val/AP": ap, "val/AP50": ap + 10, "val/AP75": ap - 1} for ap in aps],
+            }
+            for seed, aps in enumerate(aps_per_pretraining)
+        ]
+    }  # fmt: skip
+
+
+def test_claims_use_the_pretraining_spread_and_name_each_verdict():
+    transfer = transfer_module()
+    results = {
+        "random init": pretrained_row([[4.0, 4.5, 5.0, 4.0, 4.5, 5.0]], knn=20.0),  # one group: its seeds
+        "supervised": pretrained_row([[6.0, 6.0], [7.0, 7.0], [8.0, 8.0]]),
+        "supervised multi-level": pretrained_row([[6.5, 6.5], [7.0, 7.0], [7.5, 7.5]]),
+        "MCL, 1 level": pretrained_row([[2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]),
+        "MCL, 3 levels": pretrained_row([[5.0, 5.0], [6.0, 6.0], [7.0, 7.0]]),
+    }
+    # Per-pretraining means 5, 6, 7: the mean 6, the spread their std 1 (not the fine-tuning seeds' 0).
+    assert transfer.pooled(results["MCL, 3 levels"], "AP") == (6.0, 1.0)
+    assert transfer.pooled(results["random init"], "AP") == pytest.approx((4.5, 0.4472136))
+    # (a) gap 3, 2 * sqrt(1/3 + 1/3) = 1.63; (b) gap 1.5, 2 * sqrt(1/3 + 0.2/6) = 1.21; (c) gap 0;
+    # (d) gap 1 within 2 * sqrt(0.25/3 + 1/3) = 1.29, so the gap is only bounded by 1 + 1.29.
+    cost = {
+        "environment": {"device": "cpu", "threads": 2},
+        "settings": [{"name": "r18", "rows": [{"levels": 3, "flops": {"online_backbone_ratio": 1.3125,
+                                                                     "online_ratio": 1.46}, "time": {"ratio": 1.5}}]}],
+    }  # fmt: skip
+    settings = {"command": "python benchmarks/transfer.py", "pretrain_seeds": 3, "seeds": 2}
+    lines = transfer.claims(results, settings, "default", cost).splitlines()
+    row = {line.split(" | ")[0].lstrip("| ") + line.split(" | ")[2]: line for line in lines if line.startswith("| ")}
+    assert (
+        "| 6.0 ± 1.0 vs 3.0 ± 1.0 | +3.0 ± 1.6 | shown | 51.0 / 60.0 vs 51.0 / 60.0 |"
+        in row["aMCL, 3 levels vs MCL, 1 level"]
+    )
+    assert "| 6.0 ± 1.0 vs 4.5 ± 0.4 | +1.5 ± 1.2 | shown |" in row["bMCL, 3 levels vs random init"]
+    assert (
+        "| 7.0 ± 0.5 vs 7.0 ± 1.0 | +0.0 ± 1.3 | not shown at this scale |"
+        in row["csupervised multi-level vs supervised"]
+    )
+    assert (
+        "+1.0 ± 1.3 | consistent at this scale: the gap is within noise (it is not shown to be smaller than 2.3 AP)"
+        in (row["dsupervised multi-level vs MCL, 3 levels"])
+    )
+    # (e) every run's AP75 - AP50 is -11: the gain is the same at both thresholds, so it does not grow.
+    assert (
+        "| gain at IoU 0.5 -1.0, at 0.75 -1.0 | +0.0 ± 0.0 (gain at 0.75 minus gain at 0.5) | not shown at this scale"
+        in (row["eMCL, 3 levels vs supervised (the paper's baseline)"])
+    )
+    # A deficit at both thresholds that narrows at 0.75 (AP50 = AP + 2 for MCL: gains -9 at 0.5, -1 at 0.75) is no
+    # gain that grows, though the per-run AP75 - AP50 differ beyond noise.
+    for p in results["MCL, 3 levels"]["pretrainings"]:
+        for run in p["runs"]:
+            run["val/AP50"] = run["val/AP"] + 2
+    narrowing = [
+        line for line in transfer.claims(results, settings, "default", cost).splitlines() if "(the paper" in line
+    ]
+    assert "gain at IoU 0.5 -9.0, at 0.75 -1.0 | +8.0 ± 0.0" in narrowing[0]
+    assert "| not shown: no gain at either threshold; the deficit narrows" in narrowing[0]
+    assert "r18: backbone images 1.312x, online FLOPs 1.46x, step time 1.50x" in row["f-"]
+    assert "shown for the backbone's share" in row["f-"]
+    # A pretrained baseline with one pretraining seed has no pretraining spread: never better or worse.
+    results["MCL, 1 level"]["pretrainings"] = results["MCL, 1 level"]["pretrainings"][:1]
+    assert transfer.versus(results, "MCL, 3 levels", "MCL, 1 level", "AP")["verdict"] == "within noise"
+    # A row that did not run is named, and the claim has no verdict.
+    del results["supervised"]
+    text = transfer.claims(results, settings, "default", None)
+    assert "rows ['supervised'] not run" in text and "`make bench` has not run" in text
