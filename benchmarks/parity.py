@@ -49,7 +49,7 @@ def released_fpn(neck, features: list[torch.Tensor]) -> list[torch.Tensor]:
     """mmdet's ``FPN.forward`` on the library's lateral (``inner_blocks``, 1x1 conv + BN) and output
     (``layer_blocks``, 3x3 conv + BN) convs: every lateral over all images, the nearest top-down sums, every output
     conv over all images; the maps finest first (P2..P5 with 4 levels)."""
-    laterals = [lateral(x) for lateral, x in zip(neck.inner_blocks, features[neck.first_stage :], strict=True)]
+    laterals = [lateral(x) for lateral, x in zip(neck.inner_blocks, neck.stage_features(features), strict=True)]
     for i in range(len(laterals) - 1, 0, -1):
         laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:], mode="nearest")
     return [output(lateral) for output, lateral in zip(neck.layer_blocks, laterals, strict=True)]

@@ -15,8 +15,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from mcl.backbones import PYRAMID_STRIDES, Backbone
+from mcl.backbones import Backbone
 from mcl.distributed import gather_batch, rank, world_size
+from mcl.geometry import cell_count, check_image_size, grid_side
 from mcl.guards import FiniteGuard
 from mcl.heads import TileHead, split_tiles
 from mcl.initialization import check_weight_init, official_trunk_init
@@ -50,16 +51,6 @@ def montage_seed(seed: int, rank: int, step: int = 0) -> int:
     if step == 0:
         return seed * 1_000_003 + rank
     return int.from_bytes(hashlib.blake2b(f"{seed},{rank},{step}".encode(), digest_size=4).digest(), "little")
-
-
-def check_image_size(image_size: int) -> int:
-    stride = PYRAMID_STRIDES[-1]
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < stride or image_size % stride:
-        raise ValueError(
-            f"image_size={image_size!r} is invalid: it must be a positive multiple of {stride}, so that every montage "
-            f"cell covers a whole tile of its pyramid map (e.g. 64, 96, 224)"
-        )
-    return image_size
 
 
 def check_compile_settings(compile_mode: str, compile_backend: str) -> str:
@@ -109,7 +100,7 @@ def level_cells(
     features = backbone(torch.cat(list(images)))
     counts = [len(level_images) for level_images in images[:embedded_levels]]
     maps = neck.forward_levels([f[: sum(counts)] for f in features], counts)
-    tiles = [split_tiles(level_map, 2**level) for level, level_map in enumerate(maps)]
+    tiles = [split_tiles(level_map, grid_side(level)) for level, level_map in enumerate(maps)]
     if head_per_level:
         return [head(level_tiles) for level_tiles in tiles]
     return list(head(torch.cat(tiles)).split([len(t) for t in tiles]))
@@ -125,8 +116,9 @@ def all_map_cells(
             One backbone pass over all ``N = sum(M_i)`` of them.
 
     Returns:
-        Per level ``i``, ``(N * 4**i, head channels)``: the head features of map ``P(5-i)`` of all ``N`` images, each
-        map cut into level ``i``'s ``2**i x 2**i`` grid, image by image (``sources.flatten()`` order within each).
+        Per level ``i``, ``(N * 4**i, head channels)``: the head features of level ``i``'s map (``P(5-i)`` with the
+        FPN) of all ``N`` images, each map cut into level ``i``'s ``2**i x 2**i`` grid, image by image
+        (``sources.flatten()`` order within each).
         The neck computes every map of every image (``neck.forward_all``) and the head runs once per map over all of
         its tiles, the finest map first (the released head's order, which fixes how its running statistics are
         updated). :func:`own_cells` keeps the cells the loss reads.
@@ -134,7 +126,7 @@ def all_map_cells(
     maps = neck.forward_all(backbone(torch.cat(list(images))), len(images))
     cells: dict[int, torch.Tensor] = {}
     for level in reversed(range(len(maps))):
-        cells[level] = head(split_tiles(maps[level], 2**level))
+        cells[level] = head(split_tiles(maps[level], grid_side(level)))
     return [cells[level] for level in range(len(maps))]
 
 
@@ -151,7 +143,7 @@ def own_cells(per_map: Sequence[torch.Tensor], counts: Sequence[int]) -> list[to
     """
     kept, start = [], 0
     for level, count in enumerate(counts):
-        cells = 4**level
+        cells = cell_count(level)
         kept.append(per_map[level][start * cells : (start + count) * cells])
         start += count
     return kept

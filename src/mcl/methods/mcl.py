@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mcl.backbones import Backbone
+from mcl.geometry import cell_count
 from mcl.heads import MLP, TileHead
 from mcl.initialization import official_embedding_init
 from mcl.loss import SIDES, BySideLevel, MultiLevelContrastiveLoss, MultiLevelInfoNCE, per_image_targets
@@ -183,7 +184,7 @@ class MCL(MultiLevelModule):
         embeddings = network.projector(torch.cat(cells)).split([len(c) for c in cells])
         out: BySideLevel = {}
         for level, level_embeddings in enumerate(embeddings):
-            cells_per_side = [images[side][level].shape[0] * 4**level for side in SIDES]
+            cells_per_side = [images[side][level].shape[0] * cell_count(level) for side in SIDES]
             out.update(split_sides(level_embeddings, cells_per_side, level))
         return out
 
