@@ -89,6 +89,16 @@ def test_bad_level_weights_name_the_key(rule):
         resolve_level_weights(rule, 3)
 
 
+def test_official_weights_refuse_more_levels_than_they_have(monkeypatch):
+    """preset=official's 4 weights never drop a 5th level from the loss in silence, were MAX_LEVELS raised."""
+    with pytest.raises(ValueError, match=r"level_weights=official has weights for 4 levels .*, not levels=5"):
+        resolve_level_weights("official", 5)
+    monkeypatch.setattr("mcl.montage.MAX_LEVELS", 5)
+    assert MultiLevelInfoNCE(5, level_weights="paper").level_weights[-1] == 1 / 32
+    with pytest.raises(ValueError, match=r"level_weights=official has weights for 4 levels"):
+        MultiLevelInfoNCE(5, level_weights="official")
+
+
 def test_info_nce_drops_invalid_targets_from_the_negatives():
     torch.manual_seed(1)
     p, z = torch.randn(6, 8), torch.randn(5, 8)

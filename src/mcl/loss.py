@@ -26,12 +26,18 @@ TARGET_ASSIGNMENTS = ("top", "same-level", "all-levels")
 def resolve_level_weights(rule: str | Sequence[float], levels: int) -> list[float]:
     """Loss weight per level.
 
-    ``"paper"``: ``1/2**(i+1)``; ``"official"``: ``[1/2, 1/4, 1/8, 1/8][:levels]``; or an explicit list.
+    ``"paper"``: ``1/2**(i+1)``; ``"official"``: ``[1/2, 1/4, 1/8, 1/8][:levels]`` (refused beyond 4 levels, which
+    it has no weights for); or an explicit list.
     """
     if isinstance(rule, str):
         if rule == "paper":
             return [1.0 / 2 ** (level + 1) for level in range(levels)]
         if rule == "official":
+            if levels > len(OFFICIAL_LEVEL_WEIGHTS):
+                raise ValueError(
+                    f"level_weights=official has weights for {len(OFFICIAL_LEVEL_WEIGHTS)} levels "
+                    f"{list(OFFICIAL_LEVEL_WEIGHTS)}, not levels={levels}: give a list of {levels} weights"
+                )
             return list(OFFICIAL_LEVEL_WEIGHTS[:levels])
         raise ValueError(f"level_weights={rule!r} is invalid: use one of {LEVEL_WEIGHT_RULES} or a list of {levels}")
     weights = [float(w) for w in rule]

@@ -43,6 +43,11 @@ def montage_counts(rule: str | Sequence[int], batch_size: int, levels: int) -> l
         if rule == "paper":
             return [max(1, batch_size // 4**level) for level in range(levels)]
         if rule == "official":
+            if levels > len(OFFICIAL_MONTAGE_DIVISORS):
+                raise ValueError(
+                    f"montage_counts=official has counts for {len(OFFICIAL_MONTAGE_DIVISORS)} levels (B, B/4, B/16, "
+                    f"B/32), not levels={levels}: give a list of {levels} counts"
+                )
             return [max(1, batch_size // divisor) for divisor in OFFICIAL_MONTAGE_DIVISORS[:levels]]
         raise ValueError(f"montage_counts={rule!r} is invalid: use one of {MONTAGE_RULES} or a list of {levels} ints")
     counts = list(rule)
