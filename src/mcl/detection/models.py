@@ -26,7 +26,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from mcl.geometry import STAGES, stage_index
+from mcl.geometry import stage_index
 
 ARCHITECTURES = ("fasterrcnn_v2", "maskrcnn_v2", "retinanet_v2", "fasterrcnn_c4", "maskrcnn_c4")
 MASK_ARCHITECTURES = ("maskrcnn_v2", "maskrcnn_c4")
@@ -41,11 +41,12 @@ EXPORT_FORMAT = {
     "fasterrcnn_c4": "fasterrcnn_c4",
     "maskrcnn_c4": "fasterrcnn_c4",
 }
-# The C stages the FPN detectors' pyramids read (torchvision's v2 layouts, detectron2's FPN): the R-CNNs P2..P5, as
-# pretraining's FPN at 4 levels, and a P6 max-pooled from P5; RetinaNet P3..P5, and P6, P7 computed from C5. Their
-# maps are keyed "0", "1", ... finest first (fpn_keys); the exports put pretraining's P(k) blocks at P(k)'s index.
-RCNN_FPN_STAGES = STAGES
-RETINANET_FPN_STAGES = STAGES[1:]
+# The C stages the FPN detectors' pyramids read, torchvision's v2 layouts (and detectron2's FPN), whatever stages
+# pretraining has: the R-CNNs P2..P5, as pretraining's FPN at 4 levels, and a P6 max-pooled from P5; RetinaNet P3..P5,
+# and P6, P7 computed from C5. Their maps are keyed "0", "1", ... finest first (fpn_keys); the exports put
+# pretraining's P(k) blocks at P(k)'s index.
+RCNN_FPN_STAGES = (2, 3, 4, 5)
+RETINANET_FPN_STAGES = (3, 4, 5)
 # The maps each adds beyond those stages, which get anchors too: P6 (LastLevelMaxPool); P6 and P7 (LastLevelP6P7).
 RCNN_EXTRA_MAPS, RETINANET_EXTRA_MAPS = 1, 2
 # The C4 R-CNNs' anchors: detectron2's C4 default of 5 sizes at the one level, base size doubling (32..512 at 32).
