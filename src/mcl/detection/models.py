@@ -26,8 +26,6 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from mcl.geometry import stage_index
-
 ARCHITECTURES = ("fasterrcnn_v2", "maskrcnn_v2", "retinanet_v2", "fasterrcnn_c4", "maskrcnn_c4")
 MASK_ARCHITECTURES = ("maskrcnn_v2", "maskrcnn_c4")
 # The single-map R-CNNs (detectron2's R50-C4 layout): C4 alone, res5 as the RoI head.
@@ -47,6 +45,8 @@ EXPORT_FORMAT = {
 # pretraining's P(k) blocks at P(k)'s index.
 RCNN_FPN_STAGES = (2, 3, 4, 5)
 RETINANET_FPN_STAGES = (3, 4, 5)
+# The C stages torchvision's ResNet stages output: layer1 gives C2 (C5's width / 8), ..., layer4 C5.
+RESNET_LAYER_STAGES = (2, 3, 4, 5)
 # The maps each adds beyond those stages, which get anchors too: P6 (LastLevelMaxPool); P6 and P7 (LastLevelP6P7).
 RCNN_EXTRA_MAPS, RETINANET_EXTRA_MAPS = 1, 2
 # The C4 R-CNNs' anchors: detectron2's C4 default of 5 sizes at the one level, base size doubling (32..512 at 32).
@@ -74,7 +74,7 @@ def fpn_keys(stages: tuple[int, ...]) -> list[str]:
 
 def resnet_layer(stage: int) -> str:
     """The torchvision ResNet stage that outputs ``C{stage}``: ``layer1`` is C2."""
-    return f"layer{stage_index(stage) + 1}"
+    return f"layer{RESNET_LAYER_STAGES.index(stage) + 1}"
 
 
 def anchor_generator(base_size: int, octaves: int, maps: int) -> AnchorGenerator:
@@ -176,7 +176,7 @@ def resnet_fpn(
 ) -> BackboneWithFPN:
     """A torchvision ResNet (every stage trainable) with an FPN of ``width`` channels over the C ``stages``, its maps
     keyed by :func:`fpn_keys`."""
-    in_channels = [resnet.inplanes // 8 * 2 ** stage_index(stage) for stage in stages]  # C2 is C5's width / 8
+    in_channels = [resnet.inplanes // 8 * 2 ** RESNET_LAYER_STAGES.index(stage) for stage in stages]
     return_layers = dict(zip([resnet_layer(stage) for stage in stages], fpn_keys(stages), strict=True))
     return BackboneWithFPN(resnet, return_layers, in_channels, width, extra_blocks, norm_layer)
 
