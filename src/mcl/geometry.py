@@ -12,8 +12,9 @@ A level-``i`` cell is ``H / 2**i`` pixels wide, so it covers a ``t x t`` tile of
 for ``interp`` on C4. The finest map has C2's stride, so a neck serves ``top - 1`` levels at most: 4
 (:data:`MAX_LEVELS`) on C5, 3 on C4.
 
-Every module that needs one of these facts asks here: the necks, montage assembly, the methods, the exports and the
-detectors.
+Every module that needs one of these facts asks here: the necks, montage assembly, the backbone, the methods and the
+exports (which place each pretraining stage in a detector's pyramid; those pyramids are torchvision's fixed layouts,
+in :mod:`mcl.detection.models`).
 """
 
 from __future__ import annotations
