@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from mcl.methods.mcl import BN_GROUPS, MCL, cell_sources
+from mcl.methods.mcl import BN_GROUPS, MCL
 from mcl.optim import learning_rate, scaled_lr
 from mcl.runtime import CONFIG_DIR
+from mcl.sides import cell_sources
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 

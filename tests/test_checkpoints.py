@@ -239,7 +239,8 @@ def legacy_hyperparameters(model):
     settings = {key: value for key, value in model.loss.settings().items() if key != "levels"}
     if isinstance(model.loss, MultiLevelCrossEntropy):
         return {**hparams, **settings}
-    return {**hparams, **settings, "loss": model.loss.objective, "temperature": model.loss.temperature}
+    name = "byol" if isinstance(model.loss, MultiLevelBYOL) else "infonce"
+    return {"temperature": 1.0, **hparams, **settings, "loss": name}
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ from mcl.heads import split_tiles
 from mcl.knn import knn_top1
 from mcl.loss import MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.methods import MCL
-from mcl.methods.mcl import cell_sources
 from mcl.montage import assemble_levels
+from mcl.sides import cell_sources
 
 from .conftest import small_trunk
 

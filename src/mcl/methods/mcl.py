@@ -11,29 +11,13 @@ from mcl.backbones import Backbone
 from mcl.geometry import cell_count
 from mcl.heads import MLP, TileHead
 from mcl.initialization import official_embedding_init
-from mcl.loss import SIDES, BySideLevel, MultiLevelContrastiveLoss, MultiLevelInfoNCE, per_image_targets
+from mcl.loss import MultiLevelContrastiveLoss, MultiLevelInfoNCE
 from mcl.methods.base import MultiLevelModule, all_map_cells, level_cells, own_cells
 from mcl.momentum import cosine_momentum, ema_update, make_target
+from mcl.sides import SIDES, BySideLevel, SideMontages, cell_sources, montage_images, split_sides
 
 # Which samples share BatchNorm statistics in a training step (see MCL's docstring).
 BN_GROUPS = ("per_side", "per_side_plain_target", "joint")
-# One side's montages per level, as ``build_montages`` returns them: ``(montages (M, C, H, W), sources (M, g, g))``.
-SideMontages = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def split_sides(joined: torch.Tensor, sizes: list[int], level: int) -> BySideLevel:
-    """Rows of both sides, side 0 first, as ``{(side, level): rows}``."""
-    return {(side, level): rows for side, rows in zip(SIDES, joined.split(sizes), strict=True)}
-
-
-def cell_sources(montages: list[SideMontages]) -> BySideLevel:
-    """The batch index of every cell's image, ``(M * 4**level,)`` in ``sources.flatten()`` order, keyed by
-    ``(side, level)``."""
-    return {
-        (side, level): sources.flatten()
-        for side, side_montages in zip(SIDES, montages, strict=True)
-        for level, (_, sources) in enumerate(side_montages)
-    }
 
 
 class Network(NamedTuple):
@@ -95,11 +79,11 @@ class MCL(MultiLevelModule):
         self.set_loss(loss, MultiLevelContrastiveLoss, "loss=infonce or loss=byol")
         if bn_groups not in BN_GROUPS:
             raise ValueError(f"bn_groups={bn_groups!r} is invalid: use one of {BN_GROUPS}")
-        assignment = self.loss.target_assignment
-        if bn_groups == "per_side_plain_target" and assignment != "top":
+        assignment = self.loss.assignment
+        if bn_groups == "per_side_plain_target" and assignment.reads_montages:
             raise ValueError(
-                f"bn_groups=per_side_plain_target needs loss.target_assignment=top: with {assignment!r} the target "
-                "network embeds the montages themselves; use bn_groups=per_side"
+                f"bn_groups=per_side_plain_target needs loss.target_assignment=top: with {assignment.name!r} the "
+                "target network embeds the montages themselves; use bn_groups=per_side"
             )
         if self.all_pyramid_maps and bn_groups != "per_side":
             raise ValueError(
@@ -226,8 +210,7 @@ class MCL(MultiLevelModule):
             level's predictor applied to every cell, in ``sources.flatten()`` order.
         """
         joint = self.bn_groups == "joint"
-        images = [[level_montages for level_montages, _ in side] for side in montages]
-        embeddings = self.embed(self.online, images, joint)
+        embeddings = self.embed(self.online, montage_images(montages), joint)
         if not joint:
             return {(side, level): self.predictors[level](z) for (side, level), z in embeddings.items()}
         predictions: BySideLevel = {}
@@ -238,39 +221,23 @@ class MCL(MultiLevelModule):
 
     @torch.no_grad()
     def target_pass(self, views: torch.Tensor, montages: list[SideMontages]) -> tuple[BySideLevel, BySideLevel | None]:
-        """The target network (no gradient) on both sides, for the loss's target assignment.
+        """The target network (no gradient) on both sides, for the loss's target assignment
+        (:meth:`~mcl.targets.TargetAssignment.targets`: ``{(side, j): targets}``, ``(B, embedding_dim)`` per side and
+        target level ``j``, and beyond ``top`` the ``(B,)`` masks of the images present at level ``j``).
 
         Args:
             views: ``(B, 2, levels, C, H, W)``, the batch the montages were built from.
             montages: as :meth:`online_pass` takes them.
 
-        Returns:
-            ``{(side, j): targets}``, ``(B, embedding_dim)`` per side and target level ``j`` (``j = 0`` only for
-            ``top``, every level otherwise), and beyond ``top`` ``{(side, j): present}``, the ``(B,)`` masks of the
-            images that have a cell at level ``j`` (``None`` for ``top``).
-
-        ``top``: each image's level-0 embedding (its plain view; whether the montages join the backbone's
-        statistics follows ``bn_groups``). ``same-level`` and ``all-levels``: the target network embeds the same
-        montages as the online network (with their own cell layout) and each image gets the normalised mean of its
-        cells, so the target cost grows like the online cost. The target stays in train mode: BatchNorm uses batch
-        statistics, as in BYOL.
+        Under ``top`` whether the montages join the plain views' backbone statistics follows ``bn_groups``. The
+        target stays in train mode: BatchNorm uses batch statistics, as in BYOL.
         """
         joint = self.bn_groups == "joint"
-        batch = len(views)
-        if self.loss.target_assignment == "top":
-            plain = [views[:, side, 0] for side in SIDES]
-            if self.bn_groups == "per_side":
-                images = [[plain[side]] + [m for m, _ in montages[side][1:]] for side in SIDES]
-            else:
-                images = [[plain[side]] for side in SIDES]
-            return self.embed(self.target, images, joint, embedded_levels=1), None
-        images = [[level_montages for level_montages, _ in side] for side in montages]
-        targets: BySideLevel = {}
-        present: BySideLevel = {}
-        for (side, level), cells in self.embed(self.target, images, joint).items():
-            sources = montages[side][level][1].flatten()
-            targets[side, level], present[side, level] = per_image_targets(cells, sources, batch)
-        return targets, present
+
+        def embed(images: list[list[torch.Tensor]], embedded_levels: int | None) -> BySideLevel:
+            return self.embed(self.target, images, joint, embedded_levels)
+
+        return self.loss.assignment.targets(embed, views, montages, montages_in_batch=self.bn_groups == "per_side")
 
     def forward_losses(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, 2, levels, C, H, W)``."""
