@@ -180,16 +180,6 @@ class InterpolationNeck(nn.Module):
         return F.interpolate(level_map, size=size, mode="bilinear", align_corners=False)
 
 
-# Neck keys added after checkpoints were saved without them, with the value those checkpoints were trained with.
-NECK_DEFAULTS = {"interp": {"stage": 5}}
-
-
-def neck_with_defaults(neck: dict) -> dict:
-    """A ``neck`` config (``{"name": ..., ...}``) with the keys it leaves out set to their defaults, so that one
-    saved before a key existed compares equal to the same neck configured today."""
-    return {**NECK_DEFAULTS.get(neck.get("name"), {}), **neck}
-
-
 def build_neck(
     name: str, in_channels: list[int], out_channels: int = 256, levels: int = 4, image_size: int = 0, **options
 ) -> nn.Module:

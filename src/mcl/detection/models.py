@@ -1,4 +1,5 @@
-"""torchvision detectors in their ``*_resnet50_fpn_v2`` layout, for ResNet-18 and ResNet-50, loadable from MCL weights.
+"""torchvision detectors in their ``*_resnet50_fpn_v2`` layout, for ResNet-18 and ResNet-50, built for MCL weights
+(:mod:`mcl.detection.pretrained` loads them).
 
 The v2 layout is what pretraining produces: a BatchNorm FPN and, for Faster/Mask R-CNN, a box head of four 3x3
 conv + BN layers before its fc (the shapes of MCL's tile head). RetinaNet v2 has a plain FPN (MCL's BN is folded
@@ -12,7 +13,6 @@ transfers, the pretraining's neck and tile head do not.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import torchvision
 from torch import nn
@@ -31,14 +31,6 @@ MASK_ARCHITECTURES = ("maskrcnn_v2", "maskrcnn_c4")
 # The single-map R-CNNs (detectron2's R50-C4 layout): C4 alone, res5 as the RoI head.
 C4_ARCHITECTURES = ("fasterrcnn_c4", "maskrcnn_c4")
 DEPTHS = {"resnet18": (torchvision.models.resnet18, 512), "resnet50": (torchvision.models.resnet50, 2048)}
-# Which export format each detector loads (see mcl.export).
-EXPORT_FORMAT = {
-    "fasterrcnn_v2": "fasterrcnn_v2",
-    "maskrcnn_v2": "fasterrcnn_v2",
-    "retinanet_v2": "retinanet_v2",
-    "fasterrcnn_c4": "fasterrcnn_c4",
-    "maskrcnn_c4": "fasterrcnn_c4",
-}
 # The C stages the FPN detectors' pyramids read, torchvision's v2 layouts (and detectron2's FPN), whatever stages
 # pretraining has: the R-CNNs P2..P5, as pretraining's FPN at 4 levels, and a P6 max-pooled from P5; RetinaNet P3..P5,
 # and P6, P7 computed from C5. Their maps are keyed "0", "1", ... finest first (fpn_keys); the exports put
@@ -285,33 +277,3 @@ def build_detector(
         **masks,
         **sizes,
     )
-
-
-def load_pretrained(detector: nn.Module, arch: str, weights: str | Path) -> list[str]:
-    """Load an ``mcl-train`` checkpoint (converted here) or an ``mcl-export`` file; return the missing keys.
-
-    Another kind of checkpoint (a linear probe, a detector: resume those with ``ckpt_path``) is refused with what it
-    is. Unexpected keys are an error: they mean the weights were made for another architecture.
-    """
-    from mcl.checkpoints import check_checkpoint_kind, load_checkpoint
-    from mcl.export import EXPORTERS
-
-    path = Path(weights)
-    state = load_checkpoint(path)
-    kind = check_checkpoint_kind(state, path, ("pretraining", "export"), "mcl-finetune model.pretrained")
-    if kind == "pretraining":
-        state = EXPORTERS[EXPORT_FORMAT[arch]](state["state_dict"], state["hyper_parameters"])
-    try:
-        result = detector.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches: another backbone depth or width
-        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
-        raise ValueError(
-            f"{path} does not fit {arch}: {len(mismatches)} tensors have other shapes, e.g. {mismatches[:2]}; "
-            "pretrain (or export) with the backbone the detector uses (model.backbone)"
-        ) from error
-    if result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not fit {arch}: unexpected keys {result.unexpected_keys[:5]}...; "
-            f"export it with --format {EXPORT_FORMAT[arch]} from a checkpoint with the same backbone"
-        )
-    return list(result.missing_keys)

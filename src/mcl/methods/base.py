@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mcl.backbones import Backbone
+from mcl.checkpoints import LastCheckpoint, check_current_layout, load_checkpoint
 from mcl.distributed import gather_batch, rank, world_size
 from mcl.geometry import cell_count, check_image_size, grid_side
 from mcl.guards import FiniteGuard
@@ -34,8 +35,6 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 # The validation loaders, in the order the datamodules return them: the labelled kNN bank, the validation split.
 BANK_LOADER, VAL_LOADER = 0, 1
 DEFAULT_LEVELS = 3
-# Method arguments of the schedule before it became the `scheduler` config (a partial WarmupCosineLR).
-LEGACY_SCHEDULE_KEYS = ("warmup_epochs", "min_lr", "schedule_shape", "warmup_ratio")
 # The progress bar's copy of train/loss, logged every log_every_n_steps steps (metrics.json leaves it out).
 PROGRESS_BAR_LOSS = "loss"
 # Checkpoint key of the montage generators' states, one row per rank.
@@ -269,17 +268,15 @@ class MultiLevelModule(pl.LightningModule):
     ) -> MultiLevelModule:
         """The model a checkpoint of this library holds, read with ``weights_only=True`` (to ``map_location``, where
         the model then lives), its loss rebuilt from the saved config; ``overrides`` replace saved hyper-parameters.
-        Checkpoints saved before the loss had a config of its own load too
-        (:func:`mcl.checkpoints.split_loss_hyperparameters`), and so do those saved before the scheduler became a
-        config (their schedule keys are dropped: pass ``scheduler=...`` to train on with a schedule)."""
-        from mcl.checkpoints import load_checkpoint, split_loss_hyperparameters
-
+        A checkpoint of a layout this version does not read is refused
+        (:func:`mcl.checkpoints.check_current_layout`)."""
         checkpoint = load_checkpoint(checkpoint_path, map_location)
-        saved = checkpoint.get("hyper_parameters") or {}
-        saved = {k: v for k, v in saved.items() if k not in LEGACY_SCHEDULE_KEYS}
-        hparams, loss = split_loss_hyperparameters(saved, cls.default_loss)
-        loss.setdefault("levels", hparams.get("levels", DEFAULT_LEVELS))
-        model = cls(**{**hparams, "loss": build_loss(loss), **overrides})
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        check_current_layout(hparams, checkpoint_path)
+        loss = hparams.pop("loss", None)
+        if loss is not None:
+            loss = build_loss({"levels": hparams.get("levels", DEFAULT_LEVELS), **loss})
+        model = cls(**{**hparams, "loss": loss, **overrides})
         model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"], strict=strict)
         device = next((t.device for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor)), None)
@@ -449,8 +446,6 @@ class MultiLevelModule(pl.LightningModule):
     # ------------------------------------------------------------- divergence
     def saved_state_note(self) -> str:
         """Which checkpoint holds good weights: the run's ``last.ckpt`` and its step, if one was written."""
-        from mcl.checkpoints import LastCheckpoint, load_checkpoint
-
         callbacks = self._trainer.callbacks if self._trainer is not None else []
         last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
         if last is None or not last.path.is_file():
