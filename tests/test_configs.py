@@ -72,7 +72,7 @@ def test_presets_compute_the_loss_they_computed_before_it_was_a_module(preset):
     views = torch.randn(16, 2, levels, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         total, logs = model.forward_losses(views)
-        model._generator = None  # the same montages again
+        model.seed_montages()  # the same montages again
         montages = [model.build_montages(views[:, side]) for side in (0, 1)]
         predictions, (targets, _) = model.online_pass(montages), model.target_pass(views, montages)
         sources = cell_sources(montages)

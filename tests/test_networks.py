@@ -176,8 +176,8 @@ def test_interp_neck_refuses_a_1x1_source_map_for_several_levels(resnet18):
 
 def test_interp_neck_on_c4_embeds_every_cell_and_leaves_res5_outside_the_loss():
     """neck.stage=4 through the method's cell path: one embedding per cell, no gradient into layer4."""
+    from mcl.cells import level_cells
     from mcl.methods import MCL
-    from mcl.methods.base import level_cells
 
     from .conftest import small_trunk
 

@@ -30,6 +30,21 @@ def check_levels(levels: int) -> int:
     return levels
 
 
+def check_views(views: torch.Tensor, levels: int, image_size: int, level_axis: int) -> None:
+    """Fail early when a batch's views do not match the model: one view per level (along ``level_axis``) of
+    ``image_size`` pixels."""
+    if views.shape[level_axis] != levels:
+        raise ValueError(
+            f"the batch has {views.shape[level_axis]} views per side but levels={levels}; "
+            "set data.views_per_side to the level count (the default configs interpolate it)"
+        )
+    if views.shape[-2:] != (image_size, image_size):
+        raise ValueError(
+            f"batch views are {views.shape[-2]}x{views.shape[-1]} but the model was built for "
+            f"image_size={image_size}; set data.image_size and image_size alike"
+        )
+
+
 def montage_counts(rule: str | Sequence[int], batch_size: int, levels: int) -> list[int]:
     """Number of montages per level for a per-device batch of ``batch_size`` views.
 

@@ -8,12 +8,14 @@ import torch
 from torch import nn
 
 from mcl.backbones import Backbone
+from mcl.cells import all_map_cells, level_cells, own_cells
 from mcl.geometry import cell_count
 from mcl.heads import MLP, TileHead
 from mcl.initialization import official_embedding_init
 from mcl.loss import MultiLevelContrastiveLoss, MultiLevelInfoNCE
-from mcl.methods.base import MultiLevelModule, all_map_cells, level_cells, own_cells
+from mcl.methods.base import MultiLevelModule
 from mcl.momentum import cosine_momentum, ema_update, make_target
+from mcl.montage import check_views
 from mcl.sides import SIDES, BySideLevel, SideMontages, cell_sources, montage_images, split_sides
 
 # Which samples share BatchNorm statistics in a training step (see MCL's docstring).
@@ -179,9 +181,9 @@ class MCL(MultiLevelModule):
         them: every pyramid map of every image, head and projector over all of them.
 
         Per side: one backbone pass over the side's images of all levels (``N`` images), every map of all ``N``
-        and the tile head once per map over all their tiles (:func:`~mcl.methods.base.all_map_cells`), then the
+        and the tile head once per map over all their tiles (:func:`~mcl.cells.all_map_cells`), then the
         projector once per map over those ``N * 4**i`` features, finest map first. Level ``i`` keeps the rows of its
-        own images in map ``i`` (:func:`~mcl.methods.base.own_cells`): the cells :meth:`embed` gives without the
+        own images in map ``i`` (:func:`~mcl.cells.own_cells`): the cells :meth:`embed` gives without the
         switch, in the same order. Levels from ``embedded_levels`` on are computed and left out (the released target
         network keeps the plain views' P5 embeddings only).
 
@@ -241,7 +243,7 @@ class MCL(MultiLevelModule):
 
     def forward_losses(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, 2, levels, C, H, W)``."""
-        self.check_views(views, level_axis=2)
+        check_views(views, self.levels, self.image_size, level_axis=2)
         montages = [self.build_montages(views[:, side]) for side in SIDES]
         predictions = self.online_pass(montages)
         targets, present = self.target_pass(views, montages)
