@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from mcl.methods.mcl import BN_GROUPS, MCL
+from mcl.methods.bn_groups import BN_GROUPS
+from mcl.methods.mcl import MCL
 from mcl.optim import learning_rate, scaled_lr
 from mcl.runtime import CONFIG_DIR
 from mcl.sides import cell_sources
