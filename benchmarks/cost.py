@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mcl.loss import MultiLevelInfoNCE
 from mcl.methods import MCL
-from mcl.methods.mcl import BN_GROUPS
+from mcl.methods.bn_groups import BN_GROUPS
 from mcl.momentum import ema_update
 from mcl.runtime import cudnn_benchmark
 

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from mcl.methods.mcl import BN_GROUPS, MCL, cell_sources
+from mcl.methods.bn_groups import BN_GROUPS
+from mcl.methods.mcl import MCL
 from mcl.optim import learning_rate, scaled_lr
 from mcl.runtime import CONFIG_DIR
+from mcl.sides import cell_sources
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -49,7 +51,7 @@ def released_fpn(neck, features: list[torch.Tensor]) -> list[torch.Tensor]:
     """mmdet's ``FPN.forward`` on the library's lateral (``inner_blocks``, 1x1 conv + BN) and output
     (``layer_blocks``, 3x3 conv + BN) convs: every lateral over all images, the nearest top-down sums, every output
     conv over all images; the maps finest first (P2..P5 with 4 levels)."""
-    laterals = [lateral(x) for lateral, x in zip(neck.inner_blocks, features[neck.first_stage :], strict=True)]
+    laterals = [lateral(x) for lateral, x in zip(neck.inner_blocks, neck.stage_features(features), strict=True)]
     for i in range(len(laterals) - 1, 0, -1):
         laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:], mode="nearest")
     return [output(lateral) for output, lateral in zip(neck.layer_blocks, laterals, strict=True)]

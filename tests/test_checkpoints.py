@@ -19,15 +19,17 @@ from mcl.checkpoints import (
     CheckpointError,
     CheckpointKindError,
     LastCheckpoint,
+    RetiredCheckpointError,
     atomic_save,
     check_checkpoint_kind,
+    check_current_layout,
     checkpoint_kind,
     load_checkpoint,
     newest_loadable,
-    split_loss_hyperparameters,
 )
 from mcl.detection.finetune import DetectionModule
-from mcl.detection.models import build_detector, load_pretrained
+from mcl.detection.models import build_detector
+from mcl.detection.pretrained import load_pretrained
 from mcl.export import export
 from mcl.linear import LinearProbe, frozen_backbone
 from mcl.loss import MultiLevelBYOL, MultiLevelCrossEntropy, MultiLevelInfoNCE
@@ -171,60 +173,6 @@ def test_resume_falls_back_to_the_newest_loadable_checkpoint(tmp_path, caplog):
     assert newest_loadable(tmp_path) is None
 
 
-@pytest.mark.parametrize(
-    ("saved", "default", "expected"),
-    [
-        (  # the self-supervised method, before the loss config group
-            {
-                "levels": 2,
-                "loss": "infonce",
-                "temperature": 0.5,
-                "target_assignment": "same-level",
-                "level_weights": "official",
-            },
-            MultiLevelInfoNCE,
-            {
-                "_target_": "mcl.loss.MultiLevelInfoNCE",
-                "level_weights": "official",
-                "temperature": 0.5,
-                "target_assignment": "same-level",
-            },
-        ),
-        (  # BYOL never used its saved temperature
-            {"levels": 2, "loss": "byol", "temperature": 1.0, "target_assignment": "top"},
-            MultiLevelInfoNCE,
-            {"_target_": "mcl.loss.MultiLevelBYOL", "target_assignment": "top"},
-        ),
-        (  # the supervised method named no loss
-            {"levels": 2, "num_classes": 5, "label_smoothing": 0.1, "level_weights": [0.6, 0.4]},
-            MultiLevelCrossEntropy,
-            {"_target_": "mcl.loss.MultiLevelCrossEntropy", "level_weights": [0.6, 0.4], "label_smoothing": 0.1},
-        ),
-        (  # settings left at their defaults were not saved
-            {"levels": 2},
-            MultiLevelInfoNCE,
-            {"_target_": "mcl.loss.MultiLevelInfoNCE"},
-        ),
-        (  # saved since: the loss's own config
-            {"levels": 2, "loss": {"_target_": "mcl.loss.MultiLevelBYOL", "levels": 2, "level_weights": [1.0, 0.5]}},
-            MultiLevelInfoNCE,
-            {"_target_": "mcl.loss.MultiLevelBYOL", "levels": 2, "level_weights": [1.0, 0.5]},
-        ),
-    ],
-)
-def test_saved_loss_settings_become_the_loss_config(saved, default, expected):
-    method, loss = split_loss_hyperparameters(saved, default)
-    assert loss == expected
-    assert method == {key: value for key, value in saved.items() if key in ("levels", "num_classes")}
-
-
-def test_an_unknown_saved_loss_is_named():
-    with pytest.raises(
-        CheckpointError, match="the checkpoint's loss='mse' is unknown: use one of \\['byol', 'infonce'\\]"
-    ):
-        split_loss_hyperparameters({"loss": "mse"}, MultiLevelInfoNCE)
-
-
 def save_method(model, path, hyper_parameters=None):
     """A checkpoint as Lightning writes it, as far as loading a model reads it."""
     hparams = dict(model.hparams) if hyper_parameters is None else hyper_parameters
@@ -232,31 +180,29 @@ def save_method(model, path, hyper_parameters=None):
     return path
 
 
-def legacy_hyperparameters(model):
-    """The model's hyper-parameters as checkpoints saved them when the method held the loss and schedule settings."""
+def retired_hyperparameters(model):
+    """The model's hyper-parameters as mcl 0.1.0 saved them when the method held the loss and schedule settings."""
     hparams = {key: value for key, value in model.hparams.items() if key != "loss"}
     hparams.update(warmup_epochs=10.0, min_lr=1e-4, schedule_shape="official", warmup_ratio=1e-4)
     settings = {key: value for key, value in model.loss.settings().items() if key != "levels"}
     if isinstance(model.loss, MultiLevelCrossEntropy):
         return {**hparams, **settings}
-    return {**hparams, **settings, "loss": model.loss.objective, "temperature": model.loss.temperature}
+    name = "byol" if isinstance(model.loss, MultiLevelBYOL) else "infonce"
+    return {"temperature": 1.0, **hparams, **settings, "loss": name}
 
 
-@pytest.mark.parametrize(
-    ("method", "loss"),
-    [
-        (MCL, MultiLevelInfoNCE(2, [0.6, 0.4], temperature=0.5, target_assignment="same-level")),
-        (MCL, MultiLevelBYOL(2, "official", target_assignment="all-levels")),
-        (SupervisedMultiLevel, MultiLevelCrossEntropy(2, "official", label_smoothing=0.1)),
-    ],
-)
-@pytest.mark.parametrize("layout", ["current", "legacy"])
-def test_models_load_from_checkpoints_with_their_loss(tmp_path, method, loss, layout):
-    """A checkpoint's model comes back with the same weights and the same loss, also from a checkpoint saved when
-    the method held the loss settings among its hyper-parameters."""
+LOSSES = [
+    (MCL, MultiLevelInfoNCE(2, [0.6, 0.4], temperature=0.5, target_assignment="same-level")),
+    (MCL, MultiLevelBYOL(2, "official", target_assignment="all-levels")),
+    (SupervisedMultiLevel, MultiLevelCrossEntropy(2, "official", label_smoothing=0.1)),
+]
+
+
+@pytest.mark.parametrize(("method", "loss"), LOSSES)
+def test_models_load_from_checkpoints_with_their_loss(tmp_path, method, loss):
+    """A checkpoint's model comes back with the same weights and the same loss."""
     model = method(**small_trunk(2, loss=loss))
-    saved = legacy_hyperparameters(model) if layout == "legacy" else None
-    path = save_method(model, tmp_path / "model.ckpt", saved)
+    path = save_method(model, tmp_path / "model.ckpt")
     assert all(not isinstance(value, torch.nn.Module) for value in load_checkpoint(path)["hyper_parameters"].values())
     loaded = method.load_from_checkpoint(path)
     assert type(loaded.loss) is type(loss) and loaded.loss.settings() == loss.settings()
@@ -264,6 +210,28 @@ def test_models_load_from_checkpoints_with_their_loss(tmp_path, method, loss, la
     state = model.state_dict()
     assert loaded.state_dict().keys() == state.keys()
     assert all(torch.equal(value, state[key]) for key, value in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize(("method", "loss"), LOSSES)
+def test_a_checkpoint_of_a_retired_layout_is_refused_naming_the_version_and_the_update(tmp_path, method, loss):
+    """mcl 0.1.0 saved the loss and schedule settings among the method's hyper-parameters: such a file is refused
+    with the version that wrote it and what to change, not read with today's defaults."""
+    model = method(**small_trunk(2, loss=loss))
+    path = save_method(model, tmp_path / "model.ckpt", retired_hyperparameters(model))
+    with pytest.raises(RetiredCheckpointError) as refused:
+        method.load_from_checkpoint(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path} was written by mcl 0.1.0 in a layout this version does not read")
+    assert "replace them by hyper_parameters['loss'], the loss's config" in message
+    assert "the schedule settings ['warmup_epochs', 'min_lr', 'schedule_shape', 'warmup_ratio']" in message
+    assert "torch.load(path, weights_only=True) and torch.save" in message
+
+
+def test_an_interp_neck_without_stage_is_refused_with_the_stage_to_add():
+    hparams = {"neck": {"name": "interp", "out_channels": 32}, "levels": 3, "loss": {"_target_": "x"}}
+    with pytest.raises(RetiredCheckpointError, match=r"old.ckpt was written by mcl 0.1.0 .* add 'stage': 5"):
+        check_current_layout(hparams, "old.ckpt")
+    check_current_layout({**hparams, "neck": {"name": "interp", "out_channels": 32, "stage": 5}}, "new.ckpt")
 
 
 # The top-level keys Lightning writes beside the weights (as in checkpoints of mcl-train, mcl-linear, mcl-finetune).

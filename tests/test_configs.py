@@ -8,9 +8,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from mcl.loss import MultiLevelBYOL, MultiLevelCrossEntropy, MultiLevelInfoNCE, multi_level_loss
-from mcl.methods.mcl import cell_sources
+from mcl.loss import MultiLevelBYOL, MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.runtime import CONFIG_DIR, instantiate_callbacks, instantiate_loggers
+from mcl.sides import cell_sources
 
 from .conftest import SMALL_MCL, TINY, compose_train
 
@@ -52,38 +52,32 @@ def test_paper_preset_shares_cells_batchnorm_groups_and_schedule_with_the_releas
     assert cfg.method.all_pyramid_maps is False and compose_train().method.all_pyramid_maps is False
 
 
-# What the presets computed when the method held the loss settings: (level weights, loss, temperature, assignment).
+# What the presets computed when the method held the loss settings: InfoNCE with (level weights, temperature,
+# assignment).
 PRESET_LOSSES = {
-    "paper": ([0.5, 0.25, 0.125], "infonce", 1.0, "top"),
-    "official": ([0.5, 0.25, 0.125, 0.125], "infonce", 1.0, "top"),
+    "paper": ([0.5, 0.25, 0.125], 1.0, "top"),
+    "official": ([0.5, 0.25, 0.125, 0.125], 1.0, "top"),
 }
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_LOSSES))
 def test_presets_compute_the_loss_they_computed_before_it_was_a_module(preset):
-    """The composed preset's loss module gives the total and logs of the functional loss called with the settings
-    that the preset passed to it before the ``loss`` config group, on the same online and target passes."""
+    """The composed preset's loss module gives the total and logs of InfoNCE built with the settings that the preset
+    passed to the loss before the ``loss`` config group, on the same online and target passes."""
     cfg = compose_train([f"preset={preset}", "neck.out_channels=16", *SMALL_MCL])
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.method, _convert_="all")
-    weights, objective, temperature, assignment = PRESET_LOSSES[preset]
+    weights, temperature, assignment = PRESET_LOSSES[preset]
     levels = len(weights)
     views = torch.randn(16, 2, levels, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         total, logs = model.forward_losses(views)
-        model._generator = None  # the same montages again
+        model.seed_montages()  # the same montages again
         montages = [model.build_montages(views[:, side]) for side in (0, 1)]
         predictions, (targets, _) = model.online_pass(montages), model.target_pass(views, montages)
         sources = cell_sources(montages)
-        expected, expected_logs = multi_level_loss(
-            [[predictions[side, level] for level in range(levels)] for side in (0, 1)],
-            [[sources[side, level] for level in range(levels)] for side in (0, 1)],
-            [[targets[side, 0]] for side in (0, 1)],
-            weights,
-            objective,
-            temperature,
-            assignment,
-        )
+        loss = MultiLevelInfoNCE(levels, weights, temperature=temperature, target_assignment=assignment)
+        expected, expected_logs = loss(predictions, sources, targets)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     names = ("loss", "pos_cos", "neg_cos", "collapse_std")
     assert set(logs) == set(expected_logs) == {f"{name}_level{level}" for name in names for level in range(levels)}

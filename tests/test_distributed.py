@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mcl import distributed
 from mcl.knn import KNNAccuracy, knn_top1
-from mcl.loss import multi_level_loss
+from mcl.loss import MultiLevelInfoNCE
 
 WORLD, BATCH, DIM = 2, 4, 8
 
@@ -99,16 +99,24 @@ def example():
     return predictions, sources, targets
 
 
+def loss_of(predictions, sources, targets):
+    """MCL's default loss at 2 levels on nested ``[side][level]`` inputs, keyed by ``(side, level)`` for it."""
+    keyed = {
+        (side, level): tensor for side, per_level in enumerate(predictions) for level, tensor in enumerate(per_level)
+    }
+    cells = {(side, level): tensor for side, per_level in enumerate(sources) for level, tensor in enumerate(per_level)}
+    top = {(side, 0): tensor for side, tensor in enumerate(targets)}
+    return MultiLevelInfoNCE(2, [0.5, 0.25], temperature=0.2)(keyed, cells, top)
+
+
 def worker(rank: int, port: int, results) -> None:
     join(rank, port)
     predictions, sources, targets = example()
     local = slice(rank * BATCH, (rank + 1) * BATCH)
-    total, _ = multi_level_loss(
+    total, _ = loss_of(
         [[p[rank] for p in side] for side in predictions],
         [[s[rank] for s in side] for side in sources],
-        [[t[local]] for t in targets],
-        weights=[0.5, 0.25],
-        temperature=0.2,
+        [t[local] for t in targets],
     )
     results[rank] = total.item()
     dist.destroy_process_group()
@@ -119,13 +127,7 @@ def test_two_ranks_see_all_targets_with_global_labels():
     predictions, sources, targets = example()
     # Single process: every rank's cells, labels shifted to the global index of their image.
     global_sources = [[(s + torch.arange(WORLD).unsqueeze(1) * BATCH).flatten() for s in side] for side in sources]
-    expected, _ = multi_level_loss(
-        [[p.flatten(0, 1) for p in side] for side in predictions],
-        global_sources,
-        [[t] for t in targets],
-        [0.5, 0.25],
-        temperature=0.2,
-    )
+    expected, _ = loss_of([[p.flatten(0, 1) for p in side] for side in predictions], global_sources, targets)
     results = spawn(worker)
     # Each rank averages over its own cells (equal counts), so the mean over ranks is the global loss.
     assert sum(results.values()) / WORLD == pytest.approx(expected.item(), rel=1e-5)

@@ -8,7 +8,8 @@ from omegaconf import open_dict
 from mcl.detection.coco import CocoDetection, horizontal_flip
 from mcl.detection.fashion_canvas import CanvasSpec, build_fashion_canvas
 from mcl.detection.finetune import finetune, step_schedule
-from mcl.detection.models import build_detector, load_pretrained
+from mcl.detection.models import build_detector
+from mcl.detection.pretrained import load_pretrained
 from mcl.methods import MCL
 from mcl.runtime import CONFIG_DIR
 

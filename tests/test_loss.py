@@ -12,11 +12,8 @@ from mcl.loss import (
     byol_regression,
     info_nce,
     multi_level_cross_entropy,
-    multi_level_loss,
-    per_image_targets,
     resolve_level_weights,
     similarity_stats,
-    target_levels,
 )
 
 
@@ -89,6 +86,16 @@ def test_bad_level_weights_name_the_key(rule):
         resolve_level_weights(rule, 3)
 
 
+def test_official_weights_refuse_more_levels_than_they_have(monkeypatch):
+    """preset=official's 4 weights never drop a 5th level from the loss in silence, were MAX_LEVELS raised."""
+    with pytest.raises(ValueError, match=r"level_weights=official has weights for 4 levels .*, not levels=5"):
+        resolve_level_weights("official", 5)
+    monkeypatch.setattr("mcl.montage.MAX_LEVELS", 5)
+    assert MultiLevelInfoNCE(5, level_weights="paper").level_weights[-1] == 1 / 32
+    with pytest.raises(ValueError, match=r"level_weights=official has weights for 4 levels"):
+        MultiLevelInfoNCE(5, level_weights="official")
+
+
 def test_info_nce_drops_invalid_targets_from_the_negatives():
     torch.manual_seed(1)
     p, z = torch.randn(6, 8), torch.randn(5, 8)
@@ -99,60 +106,50 @@ def test_info_nce_drops_invalid_targets_from_the_negatives():
     assert info_nce(p, z, labels, 0.3, valid).item() == pytest.approx(expected)
 
 
-def test_target_levels_per_assignment():
-    assert [target_levels("top", level, 3) for level in range(3)] == [[0], [0], [0]]
-    assert [target_levels("same-level", level, 3) for level in range(3)] == [[0], [1], [2]]
-    assert target_levels("all-levels", 1, 3) == [0, 1, 2]
-    with pytest.raises(ValueError, match="target_assignment='bottom'"):
-        target_levels("bottom", 0, 3)
-
-
-def test_per_image_targets_average_an_images_cells():
-    cells = torch.tensor([[3.0, 0.0], [0.0, 2.0], [0.0, 5.0], [1.0, 1.0]])
-    sources = torch.tensor([2, 0, 2, 0])
-    targets, present = per_image_targets(cells, sources, batch=4)
-    assert present.tolist() == [True, False, True, False]
-    root = 1 / math.sqrt(2)
-    # image 0: unit (0, 1) + unit (1, 1) = (r, 1 + r); image 2: (1, 0) + (0, 1).
-    expected0 = torch.tensor([root, 1 + root]) / math.hypot(root, 1 + root)
-    torch.testing.assert_close(targets[0], expected0)
-    torch.testing.assert_close(targets[2], torch.tensor([root, root]))
-    assert targets[1].abs().sum() == 0 and targets[3].abs().sum() == 0
+def nested_example(batch=4, dim=8, seed=2):
+    """Two levels of predictions and sources keyed by ``(side, level)``, and targets at two target levels."""
+    generator = torch.Generator().manual_seed(seed)
+    sources = {}
+    for side in (0, 1):
+        sources[side, 0] = torch.tensor([3, 1, 0, 2])
+        sources[side, 1] = torch.tensor([1, 1, 2, 0, 3, 3, 2, 0])
+    predictions = {key: torch.randn(len(s), dim, generator=generator) for key, s in sources.items()}
+    targets = {(side, j): torch.randn(batch, dim, generator=generator) for side in (0, 1) for j in (0, 1)}
+    return predictions, sources, targets
 
 
 @pytest.mark.parametrize("assignment", ["top", "same-level", "all-levels"])
-def test_multi_level_loss_compares_each_level_with_its_assigned_targets(assignment):
-    torch.manual_seed(2)
-    batch, dim, weights = 4, 8, [0.5, 0.25]
-    sources = [[torch.tensor([3, 1, 0, 2]), torch.tensor([1, 1, 2, 0, 3, 3, 2, 0])] for _ in range(2)]
-    predictions = [[torch.randn(len(s), dim) for s in side] for side in sources]
-    targets = [[torch.randn(batch, dim) for _ in weights] for _ in range(2)]
-    total, logs = multi_level_loss(
-        predictions, sources, targets, weights, temperature=0.5, target_assignment=assignment
-    )
+def test_the_loss_compares_each_level_with_its_assigned_targets(assignment):
+    predictions, sources, targets = nested_example()
+    weights = [0.5, 0.25]
+    loss = MultiLevelInfoNCE(2, weights, temperature=0.5, target_assignment=assignment)
+    if assignment == "top":
+        targets = {key: value for key, value in targets.items() if key[1] == 0}
+    total, logs = loss(predictions, sources, targets)
     expected = 0.0
     for level, weight in enumerate(weights):
         compared = {"top": [0], "same-level": [level], "all-levels": [0, 1]}[assignment]
         for side in range(2):
             for j in compared:
-                term = reference_info_nce(predictions[side][level], targets[1 - side][j], sources[side][level], 0.5)
+                term = reference_info_nce(predictions[side, level], targets[1 - side, j], sources[side, level], 0.5)
                 expected += weight * term / len(compared)
     assert total.item() == pytest.approx(expected, rel=1e-5)
     assert set(logs) >= {"loss_level0", "loss_level1", "neg_cos_level1"}
 
 
-@pytest.mark.parametrize("loss", ["infonce", "byol"])
+@pytest.mark.parametrize("loss", [MultiLevelInfoNCE(1, [1.0], 0.5), MultiLevelBYOL(1, [1.0])], ids=["infonce", "byol"])
 def test_images_absent_from_a_target_level_are_neither_negatives_nor_positives(loss):
     """Image 2 has no target at this level: it is no negative, and the cell showing it is left out of the mean."""
     torch.manual_seed(3)
     batch, dim = 3, 4
     z = F.normalize(torch.randn(batch, dim), dim=1)
-    present = [[torch.tensor([True, True, False])] for _ in range(2)]
-    sources = [[torch.tensor([0, 1, 2])] for _ in range(2)]
-    predictions = [[torch.randn(3, dim)] for _ in range(2)]
-    masked, logs = multi_level_loss(predictions, sources, [[z], [z]], [1.0], loss, 0.5, present=present)
-    kept_sources = [[torch.tensor([0, 1])] for _ in range(2)]
-    kept = multi_level_loss([[p[0][:2]] for p in predictions], kept_sources, [[z[:2]], [z[:2]]], [1.0], loss, 0.5)[0]
+    present = {(side, 0): torch.tensor([True, True, False]) for side in (0, 1)}
+    sources = {(side, 0): torch.tensor([0, 1, 2]) for side in (0, 1)}
+    predictions = {(side, 0): torch.randn(3, dim) for side in (0, 1)}
+    masked, logs = loss(predictions, sources, {(side, 0): z for side in (0, 1)}, present)
+    kept_sources = {key: s[:2] for key, s in sources.items()}
+    kept_predictions = {key: p[:2] for key, p in predictions.items()}
+    kept = loss(kept_predictions, kept_sources, {(side, 0): z[:2] for side in (0, 1)})[0]
     assert torch.isfinite(masked) and masked.item() == pytest.approx(kept.item(), rel=1e-6)
     assert torch.isfinite(logs["pos_cos_level0"])
 
@@ -170,39 +167,52 @@ def side_level_example(levels=2, batch=4, dim=8, target_levels=1, seed=4):
     return predictions, sources, targets, present
 
 
-def nested(tensors, levels):
-    return [[tensors[side, level] for level in range(levels)] for side in (0, 1)]
+def reference_byol(p, z, labels, valid):
+    """``2 - 2 cos`` to each kept cell's positive, in float64, averaged over the cells whose positive exists."""
+    kept = [i for i, label in enumerate(labels.tolist()) if valid[label]]
+    cosines = [F.cosine_similarity(p[i].double(), z[labels[i]].double(), dim=0).item() for i in kept]
+    return sum(2 - 2 * c for c in cosines) / max(1, len(kept))
 
 
 @pytest.mark.parametrize(
-    ("loss", "objective", "temperature"),
+    "loss",
     [
-        (MultiLevelInfoNCE(2, [0.7, 0.3], temperature=0.3, target_assignment="top"), "infonce", 0.3),
-        (MultiLevelInfoNCE(2, "official", temperature=0.5, target_assignment="same-level"), "infonce", 0.5),
-        (MultiLevelInfoNCE(2, target_assignment="all-levels"), "infonce", 1.0),
-        (MultiLevelBYOL(2, "paper", target_assignment="same-level"), "byol", 1.0),
+        MultiLevelInfoNCE(2, [0.7, 0.3], temperature=0.3, target_assignment="top"),
+        MultiLevelInfoNCE(2, "official", temperature=0.5, target_assignment="same-level"),
+        MultiLevelBYOL(2, "paper", target_assignment="same-level"),
+        MultiLevelBYOL(2, [0.6, 0.4], target_assignment="all-levels"),
     ],
-    ids=["infonce-top", "infonce-same-level", "infonce-all-levels", "byol-same-level"],
+    ids=["infonce-top", "infonce-same-level", "byol-same-level", "byol-all-levels"],
 )
-def test_loss_module_equals_the_functional_loss(loss, objective, temperature):
-    """The module is the function with its settings fixed: the same total and logs on reference inputs."""
+def test_loss_module_matches_the_reference_loop_on_side_level_inputs(loss):
+    """Each module computes itself from ``(side, level)`` inputs: side ``s`` against side ``1 - s``'s targets at the
+    assigned levels, masked where an image is absent, level-weighted."""
     compared = loss.target_level_count
     predictions, sources, targets, present = side_level_example(target_levels=compared)
     masks = present if compared > 1 else None
     total, logs = loss(predictions, sources, targets, masks)
-    expected, expected_logs = multi_level_loss(
-        nested(predictions, 2),
-        nested(sources, 2),
-        nested(targets, compared),
-        loss.level_weights,
-        objective,
-        temperature,
-        loss.target_assignment,
-        None if masks is None else nested(masks, compared),
-    )
-    assert total.item() == expected.item()
-    assert logs.keys() == expected_logs.keys()
-    assert all(torch.equal(logs[key], expected_logs[key]) for key in logs)
+    expected = 0.0
+    for level, weight in enumerate(loss.level_weights):
+        assigned = loss.assignment.compared(level)
+        for side in (0, 1):
+            for j in assigned:
+                p, z, labels = predictions[side, level], targets[1 - side, j], sources[side, level]
+                valid = torch.ones(len(z), dtype=torch.bool) if masks is None else masks[1 - side, j]
+                if isinstance(loss, MultiLevelBYOL):
+                    term = reference_byol(p, z, labels, valid)
+                else:
+                    kept = valid[labels]
+                    remap = torch.cumsum(valid.long(), 0) - 1
+                    term = reference_info_nce(p[kept], z[valid], remap[labels[kept]], loss.temperature)
+                expected += weight * term / len(assigned)
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    names = ("loss", "pos_cos", "neg_cos", "collapse_std")
+    assert set(logs) == {f"{name}_level{level}" for name in names for level in (0, 1)}
+
+
+def test_byol_has_no_temperature():
+    loss = MultiLevelBYOL(2)
+    assert not hasattr(loss, "temperature") and "temperature" not in loss.settings()
 
 
 def test_infonce_module_matches_the_reference_loop():

@@ -5,11 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from mcl.heads import split_tiles
-from mcl.knn import knn_top1
 from mcl.loss import MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.methods import MCL
-from mcl.methods.mcl import cell_sources
 from mcl.montage import assemble_levels
+from mcl.sides import cell_sources
 
 from .conftest import small_trunk
 
@@ -112,7 +111,7 @@ def test_each_rank_draws_its_own_montages(monkeypatch):
     views = torch.randn(16, 2, 2, 3, 64, 64)
     rank0 = [sources for _, sources in model.build_montages(views[:, 0])]
     model.seed_montages()
-    monkeypatch.setattr("mcl.methods.base.rank", lambda: 1)
+    monkeypatch.setattr("mcl.montage_streams.rank", lambda: 1)
     rank1 = [sources for _, sources in model.build_montages(views[:, 0])]
     assert model.generator.initial_seed() == model.seed * 1_000_003 + 1
     assert not torch.equal(rank0[1], rank1[1])
@@ -305,29 +304,3 @@ def test_plain_target_grouping_needs_top_targets():
         small_mcl(bn_groups="per_side_plain_target", target_assignment="same-level")
     with pytest.raises(ValueError, match="bn_groups='sides'"):
         small_mcl(bn_groups="sides")
-
-
-def test_validation_logs_the_knn_top1_of_pooled_features_and_resets(monkeypatch):
-    """Bank batches (loader 0) and validation batches (loader 1) feed the kNN monitor; the epoch end logs its top-1
-    and starts over. A validation without the second loader logs nothing."""
-    model = small_mcl(knn_k=5).eval()
-    logged = {}
-    monkeypatch.setattr(model, "log", lambda name, value, **kwargs: logged.update({name: value}))
-    generator = torch.Generator().manual_seed(0)
-    bank, bank_labels = torch.randn(12, 3, 64, 64, generator=generator), torch.arange(12) % 3
-    val, val_labels = torch.randn(6, 3, 64, 64, generator=generator), torch.arange(6) % 3
-    with torch.no_grad():
-        model.on_validation_epoch_start()
-        for batch_idx, rows in enumerate([slice(0, 8), slice(8, 12)]):
-            model.validation_step((bank[rows], bank_labels[rows]), batch_idx, dataloader_idx=0)
-        model.validation_step((val, val_labels), 0, dataloader_idx=1)
-        model.on_validation_epoch_end()
-        expected = knn_top1(model.pooled_features(val), val_labels, model.pooled_features(bank), bank_labels, k=5)
-    assert list(logged) == ["val/knn_top1"]
-    assert logged["val/knn_top1"].item() == pytest.approx(expected, abs=1e-4)
-    assert not model.knn.has_bank_and_queries
-    logged.clear()
-    with torch.no_grad():
-        model.validation_step((bank, bank_labels), 0, dataloader_idx=0)
-        model.on_validation_epoch_end()
-    assert logged == {} and not model.knn.has_bank_and_queries

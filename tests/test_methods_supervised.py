@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mcl.cells import level_cells
 from mcl.loss import MultiLevelCrossEntropy, MultiLevelInfoNCE
 from mcl.methods import SupervisedMultiLevel
-from mcl.methods.base import level_cells
 from mcl.methods.supervised import assemble_labels
 from mcl.montage import assemble_levels, assemble_montage
 

@@ -95,6 +95,14 @@ def test_levels_outside_range_are_rejected(levels):
         check_levels(levels)
 
 
+def test_official_counts_refuse_more_levels_than_they_have(monkeypatch):
+    """Were MAX_LEVELS raised, the released code's 4 counts give an error for a 5th level, not 4 counts for 5."""
+    monkeypatch.setattr("mcl.montage.MAX_LEVELS", 5)
+    assert montage_counts("paper", 256, 5) == [256, 64, 16, 4, 1]
+    with pytest.raises(ValueError, match=r"montage_counts=official has counts for 4 levels .*, not levels=5"):
+        montage_counts("official", 256, 5)
+
+
 @pytest.mark.parametrize("rule", [[4, 2], [4, 2, 0], "tiles", [4, 2, 1.5]])
 def test_bad_montage_counts_name_the_key(rule):
     with pytest.raises(ValueError, match="montage_counts="):

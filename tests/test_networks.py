@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mcl.backbones import Backbone
+from mcl.geometry import grid_side, neck_geometry
 from mcl.heads import MLP, TileHead, split_tiles
 from mcl.montage import assemble_montage
 from mcl.pyramid import InterpolationNeck, PartialFPN, build_neck
@@ -65,16 +66,23 @@ def test_fpn_builds_only_the_maps_its_levels_read(resnet18, levels):
     assert all(p.grad is not None for p in neck.parameters())
 
 
-@pytest.mark.parametrize("neck_name", ["fpn", "interp"])
+@pytest.mark.parametrize(
+    "neck_config", [{"name": "fpn"}, {"name": "interp"}, {"name": "interp", "stage": 4}], ids=["fpn", "interp", "c4"]
+)
 @pytest.mark.parametrize("image_size", [64, 96, 224])
-def test_every_level_map_splits_into_one_t_by_t_tile_per_cell(resnet18, neck_name, image_size):
-    neck = build_neck(neck_name, resnet18.channels, 16).eval()
-    tile = image_size // 32
+def test_every_level_map_splits_into_one_t_by_t_tile_per_cell(resnet18, neck_config, image_size):
+    """Every level the neck serves gets a map of its geometry's stride, one ``t x t`` tile per cell (``t`` = H/32 on
+    C5, H/16 on C4)."""
+    options = dict(neck_config)
+    name = options.pop("name")
+    levels = neck_geometry(name, **options).max_levels
+    neck = build_neck(name, resnet18.channels, 16, levels=levels, **options).eval()
     with torch.no_grad():
-        features = resnet18(torch.randn(4, 3, image_size, image_size))
-        for level, pyramid_map in enumerate(neck.forward_levels(features, [1, 1, 1, 1])):
-            grid = 2**level
-            assert pyramid_map.shape[-2:] == (grid * tile, grid * tile)
+        features = resnet18(torch.randn(levels, 3, image_size, image_size))
+        for level, pyramid_map in enumerate(neck.forward_levels(features, [1] * levels)):
+            grid, tile = grid_side(level), neck.geometry.tile(level, image_size)
+            assert tile == image_size // 2 ** options.get("stage", 5)
+            assert pyramid_map.shape[-2:] == (image_size // neck.geometry.stride(level),) * 2 == (grid * tile,) * 2
             assert split_tiles(pyramid_map, grid).shape == (grid * grid, 16, tile, tile)
 
 
@@ -168,8 +176,8 @@ def test_interp_neck_refuses_a_1x1_source_map_for_several_levels(resnet18):
 
 def test_interp_neck_on_c4_embeds_every_cell_and_leaves_res5_outside_the_loss():
     """neck.stage=4 through the method's cell path: one embedding per cell, no gradient into layer4."""
+    from mcl.cells import level_cells
     from mcl.methods import MCL
-    from mcl.methods.base import level_cells
 
     from .conftest import small_trunk
 

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from mcl.data.datamodules import EpochShuffle, global_seed
-from mcl.methods.base import GENERATOR_STATES, montage_seed
 from mcl.methods.mcl import MCL
+from mcl.montage_streams import GENERATOR_STATES, montage_seed
 from mcl.train import train
 
 from .conftest import SMALL_MCL, TINY, compose_train, small_trunk
@@ -129,12 +129,12 @@ def test_after_a_resume_each_rank_draws_what_the_uninterrupted_run_drew(tmp_path
 def test_states_of_another_world_size_restart_from_seed_rank_and_step(caplog):
     model = MCL(**small_trunk(2), seed=5)
     two_ranks = torch.stack([model.generator.get_state()] * 2)
-    with caplog.at_level(logging.WARNING, logger="mcl.methods.base"):
-        model.restore_generator(two_ranks, step=40)
+    with caplog.at_level(logging.WARNING, logger="mcl.montage_streams"):
+        model.montage_stream.restore(two_ranks, 40, model.generator.device)
     assert "holds 2 rank(s)' states for 1 rank(s)" in caplog.text
     expected = torch.Generator().manual_seed(montage_seed(5, 0, 40))
     assert torch.equal(model.generator.get_state(), expected.get_state())
     # The same world size restores the saved state itself.
     other = torch.Generator().manual_seed(123).get_state()
-    model.restore_generator(other.unsqueeze(0), step=40)
+    model.montage_stream.restore(other.unsqueeze(0), 40, model.generator.device)
     assert torch.equal(model.generator.get_state(), other)

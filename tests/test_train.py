@@ -89,17 +89,21 @@ def test_resume_continues_from_the_checkpoint(tiny_cfg):
     assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text()) == pytest.approx(metrics)
 
 
-def test_an_interp_checkpoint_saved_before_neck_stage_existed_still_resumes():
+def test_an_interp_checkpoint_saved_before_neck_stage_existed_is_refused_with_what_to_add():
     from types import SimpleNamespace
 
+    from mcl.checkpoints import RetiredCheckpointError
     from mcl.train import check_compatible
 
-    legacy = {"hyper_parameters": {"neck": {"name": "interp", "out_channels": 32}, "levels": 3}}
+    retired = {"hyper_parameters": {"neck": {"name": "interp", "out_channels": 32}, "levels": 3}}
     today = SimpleNamespace(hparams={"neck": {"name": "interp", "out_channels": 32, "stage": 5}, "levels": 3})
-    check_compatible(legacy, "old.ckpt", today)  # the stage it was trained with: C5
+    with pytest.raises(RetiredCheckpointError, match="old.ckpt was written by mcl 0.1.0 .* add 'stage': 5"):
+        check_compatible(retired, "old.ckpt", today)
     on_c4 = SimpleNamespace(hparams={"neck": {"name": "interp", "out_channels": 32, "stage": 4}, "levels": 3})
+    updated = {"hyper_parameters": {"neck": {"name": "interp", "out_channels": 32, "stage": 5}, "levels": 3}}
+    check_compatible(updated, "new.ckpt", today)
     with pytest.raises(ValueError, match="neck: checkpoint .* config .*'stage': 4"):
-        check_compatible(legacy, "old.ckpt", on_c4)
+        check_compatible(updated, "new.ckpt", on_c4)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch):

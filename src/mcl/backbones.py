@@ -1,4 +1,5 @@
-"""timm backbones that return the C2..C5 stages (strides 4, 8, 16, 32) as NCHW tensors."""
+"""timm backbones that return the C2..C5 stages (strides 4, 8, 16, 32: :data:`mcl.geometry.STRIDES`) as NCHW
+tensors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-PYRAMID_STRIDES = (4, 8, 16, 32)
+from mcl.geometry import STRIDES
 
 # A Swin small enough for CPU tests: same family and code path as swin_tiny, a fraction of the width and depth.
 SWIN_TEST_KWARGS = {"embed_dim": 24, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 3, 4)}
@@ -54,10 +55,10 @@ class Backbone(nn.Module):
             kwargs.setdefault("img_size", image_size)
         probe = timm.create_model(timm_name, pretrained=False, features_only=True, **kwargs)
         reductions = probe.feature_info.reduction()
-        missing = [s for s in PYRAMID_STRIDES if s not in reductions]
+        missing = [s for s in STRIDES if s not in reductions]
         if missing:
             raise ValueError(f"backbone {name!r} has no feature stages at strides {missing}; MCL needs C2..C5")
-        out_indices = tuple(reductions.index(s) for s in PYRAMID_STRIDES)
+        out_indices = tuple(reductions.index(s) for s in STRIDES)
         self.model = timm.create_model(
             timm_name, pretrained=pretrained, features_only=True, out_indices=out_indices, **kwargs
         )

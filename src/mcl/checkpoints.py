@@ -9,8 +9,8 @@
 - :class:`LastCheckpoint` keeps ``last.ckpt`` equal to the state after the newest step: after every training epoch,
   every ``every_n_train_steps`` steps, at the end of training, and at the step where SIGTERM stops it.
 - :func:`newest_loadable` picks the checkpoint to resume from when ``last.ckpt`` is unreadable.
-- :func:`split_loss_hyperparameters` reads a method's saved loss config, also from checkpoints saved before the loss
-  had one.
+- :func:`check_current_layout` refuses a pretraining checkpoint of a layout that mcl 0.1.0 wrote before the loss and
+  the schedule were config groups of their own (or before ``neck.stage``), naming the version and what to update.
 - :func:`checkpoint_kind` tells which program wrote a checkpoint (pretraining, linear probe, detector, export), and
   :func:`check_checkpoint_kind` refuses a file of the wrong kind with what to pass instead.
 """
@@ -28,7 +28,6 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mcl.loss import MultiLevelBYOL, MultiLevelInfoNCE, MultiLevelLoss
 from mcl.runs import replaced_atomically
 
 log = logging.getLogger(__name__)
@@ -160,35 +159,54 @@ def newest_loadable(dirpath: str | Path, preferred: str | Path | None = None) ->
     return None
 
 
-# Before the loss was a module with a config of its own, a method's hyper-parameters held its settings and named the
-# self-supervised loss in ``loss``.
-LEGACY_LOSS_KEYS = ("level_weights", "temperature", "target_assignment", "label_smoothing")
-LEGACY_LOSS_NAMES: dict[str, type[MultiLevelLoss]] = {"infonce": MultiLevelInfoNCE, "byol": MultiLevelBYOL}
+# The hyper-parameter layouts of checkpoints that mcl 0.1.0 wrote before three changes, which this version does not
+# read: the method's own loss settings and loss name (before the `loss` config group), its schedule settings (before
+# the `scheduler` config group) and an `interp` neck without `stage` (before neck.stage).
+RETIRED_WRITER = "mcl 0.1.0"
+RETIRED_LOSS_KEYS = ("level_weights", "temperature", "target_assignment", "label_smoothing")
+RETIRED_SCHEDULE_KEYS = ("warmup_epochs", "min_lr", "schedule_shape", "warmup_ratio")
 
 
-def split_loss_hyperparameters(
-    hparams: Mapping[str, Any], default_loss: type[MultiLevelLoss]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A method's saved hyper-parameters, split into the method's own and its loss's config (``_target_`` and
-    settings, for :func:`mcl.loss.build_loss`).
+class RetiredCheckpointError(CheckpointError):
+    """A pretraining checkpoint in a layout that an earlier version of this library wrote and this one does not
+    read."""
 
-    Checkpoints saved before the loss had a config of its own keep ``level_weights``, ``temperature``,
-    ``target_assignment`` and ``label_smoothing`` among the method's hyper-parameters and name the loss in ``loss``
-    (``"infonce"``, ``"byol"``; none for the supervised method, whose loss is ``default_loss``): they become the
-    loss's config, with the same meaning. Settings that were left at their defaults are not saved, and the loss
-    has the same defaults.
-    """
-    method = dict(hparams)
-    loss = method.pop("loss", None)
-    if isinstance(loss, Mapping):
-        return method, dict(loss)
-    if loss is not None and loss not in LEGACY_LOSS_NAMES:
-        raise CheckpointError(f"the checkpoint's loss={loss!r} is unknown: use one of {sorted(LEGACY_LOSS_NAMES)}")
-    kind = LEGACY_LOSS_NAMES[loss] if loss is not None else default_loss
-    settings = {key: method.pop(key) for key in LEGACY_LOSS_KEYS if key in method}
-    if kind is MultiLevelBYOL:
-        settings.pop("temperature", None)  # saved, but the regression never used it
-    return method, {"_target_": kind.target(), **settings}
+
+def retired_layouts(hparams: Mapping[str, Any]) -> list[str]:
+    """What in a pretraining checkpoint's hyper-parameters is of a retired layout, each with how to update it."""
+    found = []
+    loss_keys = [key for key in RETIRED_LOSS_KEYS if key in hparams]
+    if loss_keys or ("loss" in hparams and not isinstance(hparams["loss"], Mapping)):
+        found.append(
+            f"the loss settings are among the method's hyper-parameters (loss={hparams.get('loss')!r}, {loss_keys}; "
+            "before the loss config group): replace them by hyper_parameters['loss'], the loss's config, e.g. "
+            "{'_target_': 'mcl.loss.MultiLevelInfoNCE', 'levels': 3, 'temperature': 1.0, 'target_assignment': 'top'} "
+            "(mcl.loss.MultiLevelBYOL for loss 'byol', without temperature; mcl.loss.MultiLevelCrossEntropy with "
+            "label_smoothing for the supervised method)"
+        )
+    schedule_keys = [key for key in RETIRED_SCHEDULE_KEYS if key in hparams]
+    if schedule_keys:
+        found.append(
+            f"it holds the schedule settings {schedule_keys} (before the scheduler config group): delete them, and "
+            "give scheduler=... to train on"
+        )
+    neck = hparams.get("neck")
+    if isinstance(neck, Mapping) and neck.get("name") == "interp" and "stage" not in neck:
+        found.append("its interp neck has no stage (before neck.stage): add 'stage': 5, the stage it was trained with")
+    return found
+
+
+def check_current_layout(hparams: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse a pretraining checkpoint whose hyper-parameters are of a layout this version does not read, naming the
+    version that wrote it and how to update the file."""
+    found = retired_layouts(hparams)
+    if found:
+        raise RetiredCheckpointError(
+            f"{path} was written by {RETIRED_WRITER} in a layout this version does not read: "
+            + "; ".join(found)
+            + ". Update its hyper_parameters with torch.load(path, weights_only=True) and torch.save, or start a new "
+            "run."
+        )
 
 
 # What checkpoint_kind returns, and how messages name each kind (the program that writes it).

@@ -24,6 +24,8 @@ from mcl.checkpoints import (
     check_checkpoint_kind,
     load_checkpoint,
 )
+from mcl.detection.models import RCNN_FPN_STAGES, RETINANET_FPN_STAGES
+from mcl.geometry import neck_geometry
 from mcl.runs import replaced_atomically
 
 FORMATS = ("timm", "torchvision", "fasterrcnn_v2", "retinanet_v2", "detectron2", "fasterrcnn_c4", "detectron2_c4")
@@ -63,12 +65,12 @@ def _require_resnet(hparams: dict[str, Any], fmt: str) -> None:
 
 
 def _fpn_stages(state: dict[str, torch.Tensor], hparams: dict[str, Any]) -> dict[int, str]:
-    """Map pyramid stage (2..5) -> the checkpoint's FPN block index, for the stages pretraining built."""
+    """Map pyramid stage (2..5) -> the checkpoint's FPN block index, for the stages pretraining built: an FPN for
+    ``L`` levels has one block per map those levels read, finest first (``PartialFPN.stages``)."""
     if hparams["neck"]["name"] != "fpn":
         return {}
-    built = sorted({int(k.split(".")[2]) for k in state if k.startswith("neck.inner_blocks.")})
-    first_stage = 6 - len(built)  # levels=L builds P5..P(6-L)
-    return {first_stage + index: str(index) for index in built}
+    built = {k.split(".")[2] for k in state if k.startswith("neck.inner_blocks.")}
+    return {stage: str(index) for index, stage in enumerate(neck_geometry("fpn").stages(len(built)))}
 
 
 def _conv_norm_name(key: str) -> str:
@@ -85,7 +87,7 @@ def to_torchvision_fasterrcnn(state: dict[str, torch.Tensor], hparams: dict[str,
     for stage, index in _fpn_stages(state, hparams).items():
         for block in ("inner_blocks", "layer_blocks"):
             for key, value in _strip(state, f"neck.{block}.{index}.").items():
-                out[f"backbone.fpn.{block}.{stage - 2}.{key}"] = value
+                out[f"backbone.fpn.{block}.{RCNN_FPN_STAGES.index(stage)}.{key}"] = value
     for key, value in _strip(state, "head.convs.").items():
         out[f"roi_heads.box_head.{key}"] = value  # the same Conv2dNormActivation layout
     return out
@@ -115,13 +117,14 @@ def to_torchvision_retinanet(state: dict[str, torch.Tensor], hparams: dict[str, 
     _require_resnet(hparams, "retinanet_v2")
     out = {f"backbone.body.{k}": v for k, v in backbone_state(state).items()}
     for stage, index in _fpn_stages(state, hparams).items():
-        if stage < 3:
+        if stage not in RETINANET_FPN_STAGES:
             continue
+        target = RETINANET_FPN_STAGES.index(stage)
         for block in ("inner_blocks", "layer_blocks"):
             norm = _strip(state, f"neck.{block}.{index}.1.")
             weight, bias = _fold_batchnorm(state[f"neck.{block}.{index}.0.weight"], norm)
-            out[f"backbone.fpn.{block}.{stage - 3}.0.weight"] = weight
-            out[f"backbone.fpn.{block}.{stage - 3}.0.bias"] = bias
+            out[f"backbone.fpn.{block}.{target}.0.weight"] = weight
+            out[f"backbone.fpn.{block}.{target}.0.bias"] = bias
     return out
 
 

@@ -1,8 +1,9 @@
 """The shared tile head, projector and predictors.
 
-Every montage cell covers exactly a ``t x t`` tile of its pyramid map (``t = H / 32``), so cells are cut out by a
-reshape. The head's convs run on each tile separately, with zero padding at tile borders: no cell sees its
-neighbours.
+Every montage cell covers exactly a ``t x t`` tile of its level's map, the same ``t`` at every level, so cells are cut
+out by a reshape. ``t`` depends on the neck (:meth:`mcl.geometry.LevelGeometry.tile`): ``H / 32`` for ``fpn`` and
+``interp`` on C5, ``H / 16`` for ``interp`` on C4. The head's convs run on each tile separately, with zero padding
+at tile borders: no cell sees its neighbours.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torchvision.ops import Conv2dNormActivation
 def split_tiles(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
     """``(M, C, grid*t, grid*t)`` -> ``(M*grid*grid, C, t, t)``, cells in row-major order within each montage.
 
-    The cell order matches ``sources.view(M, grid*grid)`` from :func:`mcl.montage.assemble_montage`.
+    ``grid`` is the level's :func:`~mcl.geometry.grid_side`. The cell order matches ``sources.view(M, grid*grid)``
+    from :func:`mcl.montage.assemble_montage`.
     """
     montages, channels, height, width = feature_map.shape
     if height % grid or width % grid:

@@ -2,7 +2,8 @@
 
 The functions take every setting as an argument; the modules (:class:`MultiLevelInfoNCE`, :class:`MultiLevelBYOL`,
 :class:`MultiLevelCrossEntropy`) hold the level weights and the rest of a loss's settings, checked when the loss is
-built, and call the functions. No Lightning.
+built. The self-supervised modules take the method's tensors keyed by ``(side, level)`` (:mod:`mcl.sides`) and
+their target assignment (:mod:`mcl.targets`) and compute themselves: each says what one term is. No Lightning.
 """
 
 from __future__ import annotations
@@ -16,22 +17,28 @@ from torch import nn
 
 from mcl.distributed import gather_batch, rank
 from mcl.montage import check_levels
+from mcl.sides import SIDES, check_side_level_keys
+from mcl.targets import build_target_assignment
 
 LEVEL_WEIGHT_RULES = ("paper", "official")
 OFFICIAL_LEVEL_WEIGHTS = (0.5, 0.25, 0.125, 0.125)
-LOSSES = ("infonce", "byol")
-TARGET_ASSIGNMENTS = ("top", "same-level", "all-levels")
 
 
 def resolve_level_weights(rule: str | Sequence[float], levels: int) -> list[float]:
     """Loss weight per level.
 
-    ``"paper"``: ``1/2**(i+1)``; ``"official"``: ``[1/2, 1/4, 1/8, 1/8][:levels]``; or an explicit list.
+    ``"paper"``: ``1/2**(i+1)``; ``"official"``: ``[1/2, 1/4, 1/8, 1/8][:levels]`` (refused beyond 4 levels, which
+    it has no weights for); or an explicit list.
     """
     if isinstance(rule, str):
         if rule == "paper":
             return [1.0 / 2 ** (level + 1) for level in range(levels)]
         if rule == "official":
+            if levels > len(OFFICIAL_LEVEL_WEIGHTS):
+                raise ValueError(
+                    f"level_weights=official has weights for {len(OFFICIAL_LEVEL_WEIGHTS)} levels "
+                    f"{list(OFFICIAL_LEVEL_WEIGHTS)}, not levels={levels}: give a list of {levels} weights"
+                )
             return list(OFFICIAL_LEVEL_WEIGHTS[:levels])
         raise ValueError(f"level_weights={rule!r} is invalid: use one of {LEVEL_WEIGHT_RULES} or a list of {levels}")
     weights = [float(w) for w in rule]
@@ -41,37 +48,6 @@ def resolve_level_weights(rule: str | Sequence[float], levels: int) -> list[floa
             f"weights, or be one of {LEVEL_WEIGHT_RULES}"
         )
     return weights
-
-
-def target_levels(assignment: str, level: int, levels: int) -> list[int]:
-    """The target levels that online level ``level`` is compared with.
-
-    ``top``: the plain level-0 view (the released code); ``same-level``: the target network's embedding of the same
-    image at the same level; ``all-levels``: every target level, losses averaged.
-    """
-    if assignment == "top":
-        return [0]
-    if assignment == "same-level":
-        return [level]
-    if assignment == "all-levels":
-        return list(range(levels))
-    raise ValueError(f"target_assignment={assignment!r} is invalid: use one of {TARGET_ASSIGNMENTS}")
-
-
-def per_image_targets(cells: torch.Tensor, sources: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One target per image from the target network's montage cells: the normalised mean of its cells.
-
-    Args:
-        cells: ``(N, D)`` target embeddings of a level's cells, in ``sources`` order.
-        sources: ``(N,)`` batch index of each cell's image.
-
-    Returns:
-        ``(batch, D)`` unit targets (zero rows for images in no cell) and the ``(batch,)`` mask of images present.
-    """
-    unit = F.normalize(cells.float(), dim=1)
-    sums = unit.new_zeros(batch, unit.shape[1]).index_add_(0, sources, unit)
-    present = torch.zeros(batch, dtype=torch.bool, device=sources.device).index_fill_(0, sources, True)
-    return F.normalize(sums, dim=1), present
 
 
 def masked_mean(values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -117,21 +93,6 @@ def byol_regression(
         return masked_mean(2 - 2 * cosine, valid[labels] if valid is not None else None)
 
 
-def contrastive_loss(
-    name: str,
-    predictions: torch.Tensor,
-    targets: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    if name == "infonce":
-        return info_nce(predictions, targets, labels, temperature, valid)
-    if name == "byol":
-        return byol_regression(predictions, targets, labels, valid)
-    raise ValueError(f"loss={name!r} is invalid: use one of {LOSSES}")
-
-
 @torch.no_grad()
 def similarity_stats(
     predictions: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None
@@ -163,57 +124,6 @@ def similarity_stats(
     }
 
 
-def multi_level_loss(
-    predictions: Sequence[Sequence[torch.Tensor]],
-    sources: Sequence[Sequence[torch.Tensor]],
-    targets: Sequence[Sequence[torch.Tensor]],
-    weights: Sequence[float],
-    loss: str = "infonce",
-    temperature: float = 1.0,
-    target_assignment: str = "top",
-    present: Sequence[Sequence[torch.Tensor]] | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Symmetric multi-level loss.
-
-    Args:
-        predictions: ``predictions[side][level]`` ``(N, D)``, the online predictions of the cells of one side's
-            level-``level`` montages, in ``sources`` order.
-        sources: ``sources[side][level]`` ``(N,)``, the local batch index of each cell's image.
-        targets: ``targets[side][j]`` ``(B, D)``, one side's target embeddings at target level ``j`` on this rank:
-            level 0 only for ``top``, one per level otherwise (see :func:`per_image_targets`).
-        weights: one weight per level.
-        target_assignment: which target levels each online level is compared with (:func:`target_levels`).
-        present: optional ``present[side][j]`` ``(B,)`` masks of the images that have a target at level ``j``.
-
-    Side ``s`` is compared with the targets of side ``1 - s`` gathered from every rank, so the label of a cell is
-    ``rank * B + source``. Returns ``sum_i w_i (loss_i(A->B) + loss_i(B->A))`` and per-level logs; with several
-    target levels, ``loss_i`` is their mean. A cell whose image has no target at level ``j`` (too few montage slots
-    for the batch) is left out of that term; the similarity logs are taken against the first assigned level.
-    """
-    batch = len(targets[0][0])
-    gathered = [[gather_batch(t) for t in side] for side in targets]
-    masks = [[gather_batch(m.to(torch.uint8)).bool() for m in side] for side in present] if present else None
-    offset = rank() * batch
-    total = gathered[0][0].new_zeros((), dtype=torch.float32)
-    logs: dict[str, torch.Tensor] = {}
-    for level, weight in enumerate(weights):
-        compared = target_levels(target_assignment, level, len(weights))
-        level_loss = total.new_zeros(())
-        for side in range(2):
-            labels = sources[side][level] + offset
-            for j in compared:
-                other = gathered[1 - side][j]
-                valid = masks[1 - side][j] if masks is not None else None
-                term = contrastive_loss(loss, predictions[side][level], other, labels, temperature, valid)
-                level_loss = level_loss + term / len(compared)
-                if side == 0 and j == compared[0]:  # logged against the first assigned target level
-                    stats = similarity_stats(predictions[side][level], other, labels, valid)
-        total = total + weight * level_loss
-        logs[f"loss_level{level}"] = level_loss.detach()
-        logs.update({f"{name}_level{level}": value for name, value in stats.items()})
-    return total, logs
-
-
 def multi_level_cross_entropy(
     logits: Sequence[torch.Tensor],
     labels: Sequence[torch.Tensor],
@@ -239,12 +149,6 @@ def multi_level_cross_entropy(
 
 
 # --------------------------------------------------------------------------------------------------- modules
-# The two augmentation sides of a self-supervised training step.
-SIDES = (0, 1)
-# Tensors of a training step keyed by ``(side, level)``.
-BySideLevel = dict[tuple[int, int], torch.Tensor]
-
-
 class MultiLevelLoss(nn.Module):
     """What the multi-level losses share: the level count and one weight per level, checked when the loss is built.
 
@@ -285,40 +189,37 @@ class MultiLevelLoss(nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
 
 
-def check_keys(name: str, tensors: Mapping[tuple[int, int], torch.Tensor], levels: range) -> None:
-    """Fail unless ``tensors`` holds exactly one tensor per ``(side, level)`` for both sides and ``levels``."""
-    expected = {(side, level) for side in SIDES for level in levels}
-    if set(tensors) != expected:
-        raise ValueError(
-            f"{name} are keyed {sorted(tensors)}, but this loss needs (side, level) keys {sorted(expected)}"
-        )
-
-
 class MultiLevelContrastiveLoss(MultiLevelLoss):
-    """The symmetric multi-level loss of the self-supervised method (:func:`multi_level_loss`) with its settings
-    fixed: subclasses choose the loss of each term (``objective``, one of :data:`LOSSES`).
+    """The symmetric multi-level loss of the self-supervised method, on tensors keyed by ``(side, level)``:
+    subclasses say what one term is (:meth:`term`).
 
     Args:
         target_assignment: which target levels each online level is compared with, one of
-            :data:`TARGET_ASSIGNMENTS` (:func:`target_levels`).
+            :data:`~mcl.targets.TARGET_ASSIGNMENTS` (the assignment, :attr:`assignment`, also makes the targets).
     """
-
-    objective: str
-    temperature: float
 
     def __init__(self, levels: int, level_weights: str | Sequence[float] = "paper", target_assignment: str = "top"):
         super().__init__(levels, level_weights)
-        if target_assignment not in TARGET_ASSIGNMENTS:
-            raise ValueError(f"target_assignment={target_assignment!r} is invalid: use one of {TARGET_ASSIGNMENTS}")
-        self.target_assignment = target_assignment
+        self.assignment = build_target_assignment(target_assignment, self.levels)
+
+    @property
+    def target_assignment(self) -> str:
+        return self.assignment.name
 
     @property
     def target_level_count(self) -> int:
         """How many target levels there are to compare with: level 0 only for ``top``, every level otherwise."""
-        return 1 if self.target_assignment == "top" else self.levels
+        return self.assignment.target_levels
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "target_assignment": self.target_assignment}
+
+    def term(
+        self, predictions: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The loss of ``(N, D)`` predictions against ``(K, D)`` targets of the global batch, ``labels`` ``(N,)``
+        indexing each cell's positive; ``valid``: optional ``(K,)`` mask of the targets that exist."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -334,33 +235,46 @@ class MultiLevelContrastiveLoss(MultiLevelLoss):
             predictions: ``(side, level)`` -> ``(N, D)`` online predictions of the cells of that side's level-``level``
                 montages, in ``sources`` order; every side and level.
             sources: ``(side, level)`` -> ``(N,)`` the local batch index of each cell's image.
-            targets: ``(side, j)`` -> ``(B, D)`` that side's target embeddings at target level ``j``, for
-                ``j < target_level_count``.
+            targets: ``(side, j)`` -> ``(B, D)`` that side's target embeddings at target level ``j`` on this rank, for
+                ``j < target_level_count`` (see :meth:`~mcl.targets.TargetAssignment.targets`).
             present: optional ``(side, j)`` -> ``(B,)`` masks of the images that have a target at level ``j``.
 
-        Side ``s``'s predictions are compared with side ``1 - s``'s targets; see :func:`multi_level_loss`.
+        Side ``s`` is compared with the targets of side ``1 - s`` gathered from every rank, so the label of a cell is
+        ``rank * B + source``. Returns ``sum_i w_i (loss_i(A->B) + loss_i(B->A))``; with several target levels,
+        ``loss_i`` is their mean. A cell whose image has no target at level ``j`` (too few montage slots for the
+        batch) is left out of that term; the similarity logs are taken against the first assigned level.
         """
         levels, compared = range(self.levels), range(self.target_level_count)
-        check_keys("predictions", predictions, levels)
-        check_keys("sources", sources, levels)
-        check_keys("targets", targets, compared)
+        check_side_level_keys("predictions", predictions, levels)
+        check_side_level_keys("sources", sources, levels)
+        check_side_level_keys("targets", targets, compared)
         if present is not None:
-            check_keys("present", present, compared)
-
-        def by_side(tensors: Mapping[tuple[int, int], torch.Tensor], wanted: range) -> list[list[torch.Tensor]]:
-            """``tensors[side][level]``, the layout of :func:`multi_level_loss`."""
-            return [[tensors[side, level] for level in wanted] for side in SIDES]
-
-        return multi_level_loss(
-            by_side(predictions, levels),
-            by_side(sources, levels),
-            by_side(targets, compared),
-            self.level_weights,
-            self.objective,
-            self.temperature,
-            self.target_assignment,
-            None if present is None else by_side(present, compared),
-        )
+            check_side_level_keys("present", present, compared)
+        gathered = {(side, j): gather_batch(targets[side, j]) for side in SIDES for j in compared}
+        masks = None
+        if present is not None:
+            masks = {
+                (side, j): gather_batch(present[side, j].to(torch.uint8)).bool() for side in SIDES for j in compared
+            }
+        offset = rank() * len(targets[0, 0])
+        total = gathered[0, 0].new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        for level, weight in enumerate(self.level_weights):
+            target_levels = self.assignment.compared(level)
+            level_loss = total.new_zeros(())
+            for side in SIDES:
+                labels = sources[side, level] + offset
+                for j in target_levels:
+                    other = gathered[1 - side, j]
+                    valid = masks[1 - side, j] if masks is not None else None
+                    term = self.term(predictions[side, level], other, labels, valid)
+                    level_loss = level_loss + term / len(target_levels)
+                    if side == 0 and j == target_levels[0]:  # logged against the first assigned target level
+                        stats = similarity_stats(predictions[side, level], other, labels, valid)
+            total = total + weight * level_loss
+            logs[f"loss_level{level}"] = level_loss.detach()
+            logs.update({f"{name}_level{level}": value for name, value in stats.items()})
+        return total, logs
 
 
 class MultiLevelInfoNCE(MultiLevelContrastiveLoss):
@@ -371,8 +285,6 @@ class MultiLevelInfoNCE(MultiLevelContrastiveLoss):
         temperature: the softmax temperature ``T`` (> 0); each term is scaled by ``2T``.
         target_assignment: see :class:`MultiLevelContrastiveLoss`.
     """
-
-    objective = "infonce"
 
     def __init__(
         self,
@@ -389,6 +301,11 @@ class MultiLevelInfoNCE(MultiLevelContrastiveLoss):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "temperature": self.temperature}
 
+    def term(
+        self, predictions: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        return info_nce(predictions, targets, labels, self.temperature, valid)
+
 
 class MultiLevelBYOL(MultiLevelContrastiveLoss):
     """Multi-level BYOL regression (:func:`byol_regression`, ``2 - 2 cos`` to the positive only, no negatives).
@@ -396,8 +313,10 @@ class MultiLevelBYOL(MultiLevelContrastiveLoss):
     Args: see :class:`MultiLevelContrastiveLoss`.
     """
 
-    objective = "byol"
-    temperature = 1.0  # multi_level_loss takes one; the regression does not use it
+    def term(
+        self, predictions: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        return byol_regression(predictions, targets, labels, valid)
 
 
 class MultiLevelCrossEntropy(MultiLevelLoss):

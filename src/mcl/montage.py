@@ -1,8 +1,8 @@
 """Montage assembly: downscaled views tiled into full-size images.
 
-Level ``i`` downscales every view by ``2**i`` and tiles ``4**i`` of them into a ``2**i x 2**i`` grid, so each
-montage has the size of the original view. ``sources`` records, row-major, which batch image fills each cell;
-it is what the loss uses to find each cell's positive.
+Level ``i`` downscales every view by ``2**i`` and tiles ``4**i`` of them into a ``2**i x 2**i`` grid
+(:func:`mcl.geometry.grid_side`), so each montage has the size of the original view. ``sources`` records, row-major,
+which batch image fills each cell; it is what the loss uses to find each cell's positive.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-MAX_LEVELS = 4
+from mcl.geometry import MAX_LEVELS, STAGES, grid_side
+
 DOWNSCALE_MODES = ("nearest", "area", "bilinear")
 MONTAGE_RULES = ("paper", "official")
 # The released code's montage counts for 4 levels, as fractions of the batch: B, B/4, B/16, B/32.
@@ -20,13 +21,28 @@ OFFICIAL_MONTAGE_DIVISORS = (1, 4, 16, 32)
 
 
 def check_levels(levels: int) -> int:
-    """Return ``levels`` if it is an int in 1..4, else raise a ValueError naming the key."""
+    """Return ``levels`` if it is an int in 1..``MAX_LEVELS`` (4), else raise a ValueError naming the key."""
     if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= MAX_LEVELS:
         raise ValueError(
             f"levels={levels!r} is invalid: the number of montage levels must be an integer in 1..{MAX_LEVELS} "
-            "(level i is read from pyramid level P(5-i), and the pyramid has P2..P5)"
+            f"(level i is read from pyramid level P(5-i), and the pyramid has P{STAGES[0]}..P{STAGES[-1]})"
         )
     return levels
+
+
+def check_views(views: torch.Tensor, levels: int, image_size: int, level_axis: int) -> None:
+    """Fail early when a batch's views do not match the model: one view per level (along ``level_axis``) of
+    ``image_size`` pixels."""
+    if views.shape[level_axis] != levels:
+        raise ValueError(
+            f"the batch has {views.shape[level_axis]} views per side but levels={levels}; "
+            "set data.views_per_side to the level count (the default configs interpolate it)"
+        )
+    if views.shape[-2:] != (image_size, image_size):
+        raise ValueError(
+            f"batch views are {views.shape[-2]}x{views.shape[-1]} but the model was built for "
+            f"image_size={image_size}; set data.image_size and image_size alike"
+        )
 
 
 def montage_counts(rule: str | Sequence[int], batch_size: int, levels: int) -> list[int]:
@@ -42,6 +58,11 @@ def montage_counts(rule: str | Sequence[int], batch_size: int, levels: int) -> l
         if rule == "paper":
             return [max(1, batch_size // 4**level) for level in range(levels)]
         if rule == "official":
+            if levels > len(OFFICIAL_MONTAGE_DIVISORS):
+                raise ValueError(
+                    f"montage_counts=official has counts for {len(OFFICIAL_MONTAGE_DIVISORS)} levels (B, B/4, B/16, "
+                    f"B/32), not levels={levels}: give a list of {levels} counts"
+                )
             return [max(1, batch_size // divisor) for divisor in OFFICIAL_MONTAGE_DIVISORS[:levels]]
         raise ValueError(f"montage_counts={rule!r} is invalid: use one of {MONTAGE_RULES} or a list of {levels} ints")
     counts = list(rule)
@@ -94,7 +115,7 @@ def assemble_montage(
 
     Args:
         images: ``(B, C, H, W)`` views of one augmentation side; ``H`` and ``W`` divisible by ``2**level``.
-        level: ``0..3``; the grid is ``2**level x 2**level`` and each view is shrunk by ``2**level``.
+        level: ``0..MAX_LEVELS-1``; the grid is ``2**level x 2**level`` and each view is shrunk by ``2**level``.
         num_montages: ``M``, the number of montages to build.
         mode: downscaling, ``"nearest"`` (released code), ``"area"`` or ``"bilinear"`` (antialiased).
         generator: makes the cell filling deterministic; montages are built on ``images.device``.
@@ -110,7 +131,7 @@ def assemble_montage(
     if num_montages < 1:
         raise ValueError(f"num_montages={num_montages} is invalid: it must be at least 1")
     batch, channels, height, width = images.shape
-    grid = 2**level
+    grid = grid_side(level)
     if height % grid or width % grid:
         raise ValueError(f"image size {height}x{width} is not divisible by the level-{level} grid {grid}")
     sources = fill_cells(batch, num_montages * grid * grid, generator, images.device)

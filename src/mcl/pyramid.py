@@ -1,26 +1,25 @@
 """Necks that turn C2..C5 into the 256-channel pyramid map each montage level reads.
 
-Montage level ``i`` reads pyramid level ``P(5-i)``: level 0 -> P5, 1 -> P4, 2 -> P3, 3 -> P2. A neck is asked
-for the maps of images ordered by level and computes only what each level needs (``forward_levels``), so level-0
-views never pay for P2..P4. ``forward_all`` computes every map the neck has for every image instead, as the
-released code does (``method.all_pyramid_maps``, see docs/parity.md).
+Which map a level reads, at what stride, is the neck's :class:`~mcl.geometry.LevelGeometry` (its ``geometry``):
+with the FPN, level ``i`` reads ``P(5-i)``: level 0 -> P5, 1 -> P4, 2 -> P3, 3 -> P2. A neck is asked for the maps
+of images ordered by level and computes only what each level needs (``forward_levels``), so level-0 views never pay
+for P2..P4. ``forward_all`` computes every map the neck has for every image instead, as the released code does
+(``method.all_pyramid_maps``, see docs/parity.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
+from mcl.geometry import neck_geometry, stage_index
+
 NECKS = ("fpn", "interp")
-
-
-def pyramid_index(level: int) -> int:
-    """Index into ``[P2, P3, P4, P5]`` of the map that montage ``level`` reads."""
-    return 3 - level
 
 
 def check_level_counts(counts: Sequence[int], available: int) -> None:
@@ -33,17 +32,29 @@ def check_level_counts(counts: Sequence[int], available: int) -> None:
 class PartialFPN(FeaturePyramidNetwork):
     """torchvision's FPN with BatchNorm (no P6) that computes only the maps montage levels read.
 
-    With ``levels`` montage levels only the finest map they read is built: P5..P(6-levels), fed by the matching
-    C stages, so no parameter goes unused (4 levels: P2..P5). :meth:`forward_levels` takes the features of images
-    ordered by montage level and runs each lateral conv once, on the images whose map needs it, and each output
-    conv once, on the images of the level that reads it. ``forward`` is torchvision's (on ``features[4 - levels:]``)
-    and gives the same maps in eval mode.
+    With ``levels`` montage levels only the maps they read are built: P5..P(6-levels) (``stages``, finest first),
+    fed by the matching C stages, so no parameter goes unused (4 levels: P2..P5). :meth:`forward_levels` takes the
+    features of images ordered by montage level and runs each lateral conv once, on the images whose map needs it,
+    and each output conv once, on the images of the level that reads it. ``forward`` is torchvision's (on
+    :meth:`stage_features`) and gives the same maps in eval mode.
     """
 
+    geometry = neck_geometry("fpn")
+
     def __init__(self, in_channels: list[int], out_channels: int = 256, levels: int = 4):
-        self.first_stage = len(in_channels) - levels
-        super().__init__(in_channels[self.first_stage :], out_channels, norm_layer=nn.BatchNorm2d)
+        self.stages = self.geometry.stages(levels)
+        super().__init__(self.stage_features(in_channels), out_channels, norm_layer=nn.BatchNorm2d)
         self.out_channels = out_channels
+
+    def stage_features(self, features: Sequence[Any]) -> list[Any]:
+        """The entries of ``features`` (``[C2, C3, C4, C5]``, or their widths) for the stages this FPN reads,
+        finest first (its blocks' order)."""
+        return [features[stage_index(stage)] for stage in self.stages]
+
+    def block(self, level: int) -> int:
+        """The index of the lateral and output convs (and of the :meth:`stage_features` entry) of the map montage
+        ``level`` reads."""
+        return self.stages.index(self.geometry.stage(level))
 
     def forward_levels(self, features: list[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
         """Per-level pyramid maps of images ordered by montage level.
@@ -57,13 +68,13 @@ class PartialFPN(FeaturePyramidNetwork):
             Level ``i``'s images are a suffix of those that need the lateral of ``C(5-i)``, so the top-down path
             slices rather than recomputes.
         """
-        features = features[self.first_stage :]
-        last = len(features) - 1
-        check_level_counts(counts, last + 1)
-        inner = self.get_result_from_inner_blocks(features[last], last)
+        features = self.stage_features(features)
+        check_level_counts(counts, len(self.stages))
+        top = self.block(0)
+        inner = self.get_result_from_inner_blocks(features[top], top)
         maps, start = [], 0
         for level, count in enumerate(counts):
-            index = last - level
+            index = self.block(level)
             if level:
                 lateral = self.get_result_from_inner_blocks(features[index][start:], index)
                 inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
@@ -84,10 +95,9 @@ class PartialFPN(FeaturePyramidNetwork):
             and output conv runs once, over all ``N`` images, so its BatchNorm normalises over all of them (the
             released code's FPN, which builds P2..P5 for every image).
         """
-        stages = features[self.first_stage :]
-        check_level_counts(range(levels), len(stages))
-        maps = list(self(dict(enumerate(stages))).values())  # torchvision's order: the finest map first
-        return maps[::-1][:levels]
+        check_level_counts(range(levels), len(self.stages))
+        maps = list(self(dict(enumerate(self.stage_features(features)))).values())  # torchvision's order: finest first
+        return [maps[self.block(level)] for level in range(levels)]
 
 
 # The C stages the interp neck can read (``neck.stage``): C5 (the default) or C4, the C4 detectors' feature map.
@@ -98,12 +108,13 @@ def interp_min_image_size(stage: int, levels: int) -> int:
     """The smallest montage side the ``interp`` neck on C``stage`` accepts with ``levels`` levels: with more than
     one level its source map must have 2x2 cells or more, since a 1x1 map resized to any size is one value and every
     tile of levels 1.. would get the same feature (0: no bound, one level reads the map as it is)."""
-    return 2 ** (stage + 1) if levels > 1 else 0
+    return 2 * neck_geometry("interp", stage).stride(0) if levels > 1 else 0
 
 
 class InterpolationNeck(nn.Module):
     """For single-level (C4-style) detectors: a 1x1 conv + BN on one C stage, bilinearly resized per level.
 
+    Level ``i``'s map has the size of ``C(stage - i)`` (``geometry``, :func:`~mcl.geometry.neck_geometry`).
     ``stage=5`` (the default): the conv reads C5 and level ``i``'s map has the size of ``P(5-i)`` (stride
     ``32 / 2**i``), as the FPN's, so tiles are ``H/32``. ``stage=4``: the conv reads C4 and level ``i``'s map has
     stride ``16 / 2**i`` (level 0 reads C4 at its own resolution, as a C4 detector pools its RoIs), so tiles are
@@ -125,17 +136,23 @@ class InterpolationNeck(nn.Module):
                 + (", or neck.stage=4 (C4 is 2x2 at 32 px)" if stage == 5 and image_size >= 32 else "")
                 + ", or levels=1"
             )
-        if stage == 4 and levels > 3:
+        self.geometry = neck_geometry("interp", stage)
+        if levels > self.geometry.max_levels:
+            finest = self.geometry.max_levels - 1
             raise ValueError(
-                f"neck.stage=4 with levels={levels} is invalid: level i reads a map of stride 16/2**i, and level 3 "
-                "would need stride 2, finer than any C stage; use levels<=3 or neck.stage=5"
+                f"neck.stage={stage} with levels={levels} is invalid: level i reads a map of stride "
+                f"{self.geometry.stride(0)}/2**i, and level {finest} already reads the finest, "
+                f"{self.geometry.map_name(finest)} at stride {self.geometry.stride(finest)}; use "
+                f"levels<={self.geometry.max_levels} or neck.stage=5"
             )
         self.out_channels = out_channels
         self.stage = stage
-        # features are [C2, C3, C4, C5]: C(stage) is at stage - 2; level i reads the size of C(stage - i), or of P(5-i).
-        self.offset = 5 - stage
         self.reduce = Conv2dNormActivation(
-            in_channels[stage - 2], out_channels, kernel_size=1, norm_layer=nn.BatchNorm2d, activation_layer=None
+            in_channels[self.geometry.feature_index(0)],
+            out_channels,
+            kernel_size=1,
+            norm_layer=nn.BatchNorm2d,
+            activation_layer=None,
         )
 
     def forward_levels(self, features: list[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
@@ -144,33 +161,23 @@ class InterpolationNeck(nn.Module):
         Per level ``i``, ``(counts[i], out_channels, H/s, W/s)`` with ``s = 2**(stage - i)``: ``stage=5`` gives the
         sizes of ``P(5-i)``, ``stage=4`` those of ``C(4-i)``.
         """
-        check_level_counts(counts, len(features) - self.offset)
-        reduced = self.reduce(features[self.stage - 2]).split(list(counts))
+        check_level_counts(counts, self.geometry.max_levels)
+        reduced = self.reduce(features[self.geometry.feature_index(0)]).split(list(counts))
         return [self.resized(level_map, features, level) for level, level_map in enumerate(reduced)]
 
     def forward_all(self, features: list[torch.Tensor], levels: int) -> list[torch.Tensor]:
         """As :meth:`PartialFPN.forward_all`: the reduction of every image, resized to the size of each level
         ``0..levels-1``."""
-        check_level_counts(range(levels), len(features) - self.offset)
-        reduced = self.reduce(features[self.stage - 2])
+        check_level_counts(range(levels), self.geometry.max_levels)
+        reduced = self.reduce(features[self.geometry.feature_index(0)])
         return [self.resized(reduced, features, level) for level in range(levels)]
 
     def resized(self, level_map: torch.Tensor, features: list[torch.Tensor], level: int) -> torch.Tensor:
         """``level_map`` bilinearly resized to the size of montage ``level``'s map (unchanged if it has it)."""
-        size = features[pyramid_index(level) - self.offset].shape[-2:]
+        size = features[self.geometry.feature_index(level)].shape[-2:]
         if level_map.shape[-2:] == size:
             return level_map
         return F.interpolate(level_map, size=size, mode="bilinear", align_corners=False)
-
-
-# Neck keys added after checkpoints were saved without them, with the value those checkpoints were trained with.
-NECK_DEFAULTS = {"interp": {"stage": 5}}
-
-
-def neck_with_defaults(neck: dict) -> dict:
-    """A ``neck`` config (``{"name": ..., ...}``) with the keys it leaves out set to their defaults, so that one
-    saved before a key existed compares equal to the same neck configured today."""
-    return {**NECK_DEFAULTS.get(neck.get("name"), {}), **neck}
 
 
 def build_neck(

@@ -16,11 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from mcl.checkpoints import LAST, check_checkpoint_kind, load_checkpoint, newest_loadable
+from mcl.checkpoints import LAST, check_checkpoint_kind, check_current_layout, load_checkpoint, newest_loadable
 from mcl.cluster import check_world_size
 from mcl.interrupts import Interruptions
 from mcl.methods.base import PROGRESS_BAR_LOSS
-from mcl.pyramid import neck_with_defaults
 from mcl.runs import (
     STATE_FILE,
     RunLock,
@@ -85,10 +84,8 @@ ARCHITECTURE_KEYS = (
 def check_compatible(checkpoint: dict[str, Any], checkpoint_path: str | Path, model: pl.LightningModule) -> None:
     """Stop with the differing hyper-parameters when a checkpoint was trained with another architecture."""
     saved = dict(checkpoint.get("hyper_parameters") or {})
+    check_current_layout(saved, checkpoint_path)
     wanted = dict(model.hparams)
-    for hparams in (saved, wanted):
-        if isinstance(hparams.get("neck"), dict):
-            hparams["neck"] = neck_with_defaults(hparams["neck"])
     differences = [
         f"{key}: checkpoint {saved[key]!r}, config {wanted[key]!r}"
         for key in ARCHITECTURE_KEYS

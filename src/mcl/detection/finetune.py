@@ -34,7 +34,8 @@ from mcl.detection.coco import (
     read_annotation_file,
     to_coco_results,
 )
-from mcl.detection.models import MASK_ARCHITECTURES, build_detector, load_pretrained
+from mcl.detection.models import MASK_ARCHITECTURES, build_detector
+from mcl.detection.pretrained import load_pretrained
 from mcl.distributed import world_size
 from mcl.runs import open_run_logs
 from mcl.runtime import (

@@ -1,4 +1,5 @@
-"""torchvision detectors in their ``*_resnet50_fpn_v2`` layout, for ResNet-18 and ResNet-50, loadable from MCL weights.
+"""torchvision detectors in their ``*_resnet50_fpn_v2`` layout, for ResNet-18 and ResNet-50, built for MCL weights
+(:mod:`mcl.detection.pretrained` loads them).
 
 The v2 layout is what pretraining produces: a BatchNorm FPN and, for Faster/Mask R-CNN, a box head of four 3x3
 conv + BN layers before its fc (the shapes of MCL's tile head). RetinaNet v2 has a plain FPN (MCL's BN is folded
@@ -12,7 +13,6 @@ transfers, the pretraining's neck and tile head do not.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import torchvision
 from torch import nn
@@ -31,14 +31,16 @@ MASK_ARCHITECTURES = ("maskrcnn_v2", "maskrcnn_c4")
 # The single-map R-CNNs (detectron2's R50-C4 layout): C4 alone, res5 as the RoI head.
 C4_ARCHITECTURES = ("fasterrcnn_c4", "maskrcnn_c4")
 DEPTHS = {"resnet18": (torchvision.models.resnet18, 512), "resnet50": (torchvision.models.resnet50, 2048)}
-# Which export format each detector loads (see mcl.export).
-EXPORT_FORMAT = {
-    "fasterrcnn_v2": "fasterrcnn_v2",
-    "maskrcnn_v2": "fasterrcnn_v2",
-    "retinanet_v2": "retinanet_v2",
-    "fasterrcnn_c4": "fasterrcnn_c4",
-    "maskrcnn_c4": "fasterrcnn_c4",
-}
+# The C stages the FPN detectors' pyramids read, torchvision's v2 layouts (and detectron2's FPN), whatever stages
+# pretraining has: the R-CNNs P2..P5, as pretraining's FPN at 4 levels, and a P6 max-pooled from P5; RetinaNet P3..P5,
+# and P6, P7 computed from C5. Their maps are keyed "0", "1", ... finest first (fpn_keys); the exports put
+# pretraining's P(k) blocks at P(k)'s index.
+RCNN_FPN_STAGES = (2, 3, 4, 5)
+RETINANET_FPN_STAGES = (3, 4, 5)
+# The C stages torchvision's ResNet stages output: layer1 gives C2 (C5's width / 8), ..., layer4 C5.
+RESNET_LAYER_STAGES = (2, 3, 4, 5)
+# The maps each adds beyond those stages, which get anchors too: P6 (LastLevelMaxPool); P6 and P7 (LastLevelP6P7).
+RCNN_EXTRA_MAPS, RETINANET_EXTRA_MAPS = 1, 2
 # The C4 R-CNNs' anchors: detectron2's C4 default of 5 sizes at the one level, base size doubling (32..512 at 32).
 C4_ANCHOR_SIZES = 5
 # detectron2's POOLER_RESOLUTION for its C4 heads: 14x14 RoIs, which res5 (stride 2) turns into 7x7.
@@ -57,12 +59,23 @@ def freeze_stages(resnet: nn.Module, count: int) -> nn.Module:
     return resnet
 
 
-def anchor_generator(base_size: int, octaves: int) -> AnchorGenerator:
-    """One anchor size per pyramid level (``octaves`` per level for RetinaNet), starting at ``base_size`` on P2/P3."""
+def fpn_keys(stages: tuple[int, ...]) -> list[str]:
+    """The keys of the maps an FPN over the C ``stages`` returns (:func:`resnet_fpn`), finest first: ``"0"``, ..."""
+    return [str(index) for index in range(len(stages))]
+
+
+def resnet_layer(stage: int) -> str:
+    """The torchvision ResNet stage that outputs ``C{stage}``: ``layer1`` is C2."""
+    return f"layer{RESNET_LAYER_STAGES.index(stage) + 1}"
+
+
+def anchor_generator(base_size: int, octaves: int, maps: int) -> AnchorGenerator:
+    """One anchor size per pyramid map, ``maps`` of them (``octaves`` per map for RetinaNet), starting at
+    ``base_size`` on the finest (P2 or P3) and doubling per map."""
     sizes = tuple(
-        tuple(int(base_size * 2**level * 2 ** (octave / octaves)) for octave in range(octaves)) for level in range(5)
+        tuple(int(base_size * 2**level * 2 ** (octave / octaves)) for octave in range(octaves)) for level in range(maps)
     )
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * maps)
 
 
 def c4_anchor_generator(base_size: int) -> AnchorGenerator:
@@ -151,11 +164,12 @@ def build_c4_rcnn(
 
 
 def resnet_fpn(
-    resnet: nn.Module, stages: list[int], width: int, extra_blocks: nn.Module | None, norm_layer
+    resnet: nn.Module, stages: tuple[int, ...], width: int, extra_blocks: nn.Module | None, norm_layer
 ) -> BackboneWithFPN:
-    """A torchvision ResNet (every stage trainable) with an FPN of ``width`` channels over ``layer{stages}``."""
-    in_channels = [resnet.inplanes // 8 * 2 ** (stage - 1) for stage in stages]
-    return_layers = {f"layer{stage}": str(index) for index, stage in enumerate(stages)}
+    """A torchvision ResNet (every stage trainable) with an FPN of ``width`` channels over the C ``stages``, its maps
+    keyed by :func:`fpn_keys`."""
+    in_channels = [resnet.inplanes // 8 * 2 ** RESNET_LAYER_STAGES.index(stage) for stage in stages]
+    return_layers = dict(zip([resnet_layer(stage) for stage in stages], fpn_keys(stages), strict=True))
     return BackboneWithFPN(resnet, return_layers, in_channels, width, extra_blocks, norm_layer)
 
 
@@ -234,19 +248,21 @@ def build_detector(
         )
     width = fpn_channels
     if arch == "retinanet_v2":
-        body = resnet_fpn(resnet, [2, 3, 4], width, LastLevelP6P7(c5_channels, width), norm_layer=None)
-        anchors = anchor_generator(anchor_base_size, octaves=3)
+        extra = LastLevelP6P7(c5_channels, width)
+        body = resnet_fpn(resnet, RETINANET_FPN_STAGES, width, extra, norm_layer=None)
+        anchors = anchor_generator(anchor_base_size, 3, len(RETINANET_FPN_STAGES) + RETINANET_EXTRA_MAPS)
         head = RetinaNetHead(
             width, anchors.num_anchors_per_location()[0], num_classes, norm_layer=partial(nn.GroupNorm, 32)
         )
         head.regression_head._loss_type = "giou"
         return RetinaNet(body, num_classes, anchor_generator=anchors, head=head, **sizes)
-    body = resnet_fpn(resnet, [1, 2, 3, 4], width, None, norm_layer=nn.BatchNorm2d)
-    anchors = anchor_generator(anchor_base_size, octaves=1)
+    body = resnet_fpn(resnet, RCNN_FPN_STAGES, width, None, norm_layer=nn.BatchNorm2d)
+    anchors = anchor_generator(anchor_base_size, 1, len(RCNN_FPN_STAGES) + RCNN_EXTRA_MAPS)
     levels = {"canonical_scale": roi_canonical_scale, "canonical_level": roi_canonical_level}
+    pooled_maps = fpn_keys(RCNN_FPN_STAGES)  # RoIs pool from P2..P5, not P6
     masks = {}
     if arch == "maskrcnn_v2":
-        masks["mask_roi_pool"] = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2, **levels)
+        masks["mask_roi_pool"] = MultiScaleRoIAlign(pooled_maps, 14, 2, **levels)
     detector = MaskRCNN if arch == "maskrcnn_v2" else FasterRCNN
     return detector(
         body,
@@ -254,40 +270,10 @@ def build_detector(
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(width, anchors.num_anchors_per_location()[0], conv_depth=2),
         box_head=FastRCNNConvFCHead((width, 7, 7), [width] * 4, [1024], norm_layer=nn.BatchNorm2d),
-        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, **levels),
+        box_roi_pool=MultiScaleRoIAlign(pooled_maps, 7, 2, **levels),
         rpn_post_nms_top_n_train=proposals_train,
         rpn_post_nms_top_n_test=proposals_test,
         box_batch_size_per_image=rois_per_image,
         **masks,
         **sizes,
     )
-
-
-def load_pretrained(detector: nn.Module, arch: str, weights: str | Path) -> list[str]:
-    """Load an ``mcl-train`` checkpoint (converted here) or an ``mcl-export`` file; return the missing keys.
-
-    Another kind of checkpoint (a linear probe, a detector: resume those with ``ckpt_path``) is refused with what it
-    is. Unexpected keys are an error: they mean the weights were made for another architecture.
-    """
-    from mcl.checkpoints import check_checkpoint_kind, load_checkpoint
-    from mcl.export import EXPORTERS
-
-    path = Path(weights)
-    state = load_checkpoint(path)
-    kind = check_checkpoint_kind(state, path, ("pretraining", "export"), "mcl-finetune model.pretrained")
-    if kind == "pretraining":
-        state = EXPORTERS[EXPORT_FORMAT[arch]](state["state_dict"], state["hyper_parameters"])
-    try:
-        result = detector.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches: another backbone depth or width
-        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
-        raise ValueError(
-            f"{path} does not fit {arch}: {len(mismatches)} tensors have other shapes, e.g. {mismatches[:2]}; "
-            "pretrain (or export) with the backbone the detector uses (model.backbone)"
-        ) from error
-    if result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not fit {arch}: unexpected keys {result.unexpected_keys[:5]}...; "
-            f"export it with --format {EXPORT_FORMAT[arch]} from a checkpoint with the same backbone"
-        )
-    return list(result.missing_keys)

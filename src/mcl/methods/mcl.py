@@ -10,29 +10,12 @@ from torch import nn
 from mcl.backbones import Backbone
 from mcl.heads import MLP, TileHead
 from mcl.initialization import official_embedding_init
-from mcl.loss import SIDES, BySideLevel, MultiLevelContrastiveLoss, MultiLevelInfoNCE, per_image_targets
-from mcl.methods.base import MultiLevelModule, all_map_cells, level_cells, own_cells
+from mcl.loss import MultiLevelContrastiveLoss, MultiLevelInfoNCE
+from mcl.methods.base import MultiLevelModule
+from mcl.methods.bn_groups import build_grouping
 from mcl.momentum import cosine_momentum, ema_update, make_target
-
-# Which samples share BatchNorm statistics in a training step (see MCL's docstring).
-BN_GROUPS = ("per_side", "per_side_plain_target", "joint")
-# One side's montages per level, as ``build_montages`` returns them: ``(montages (M, C, H, W), sources (M, g, g))``.
-SideMontages = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def split_sides(joined: torch.Tensor, sizes: list[int], level: int) -> BySideLevel:
-    """Rows of both sides, side 0 first, as ``{(side, level): rows}``."""
-    return {(side, level): rows for side, rows in zip(SIDES, joined.split(sizes), strict=True)}
-
-
-def cell_sources(montages: list[SideMontages]) -> BySideLevel:
-    """The batch index of every cell's image, ``(M * 4**level,)`` in ``sources.flatten()`` order, keyed by
-    ``(side, level)``."""
-    return {
-        (side, level): sources.flatten()
-        for side, side_montages in zip(SIDES, montages, strict=True)
-        for level, (_, sources) in enumerate(side_montages)
-    }
+from mcl.montage import check_views
+from mcl.sides import SIDES, BySideLevel, SideMontages, cell_sources, montage_images
 
 
 class Network(NamedTuple):
@@ -73,7 +56,7 @@ class MCL(MultiLevelModule):
     (finest map first), each map cut into the grid of the level that reads it; each level then keeps its own images'
     rows of its own map. The embeddings that enter the loss are the same cells as without it; what changes is which
     samples each BatchNorm of the neck, head and projector normalises over (and the running statistics it keeps).
-    See :meth:`embed_all_maps` and docs/parity.md for what it costs.
+    See :class:`~mcl.methods.bn_groups.PerSideAllMaps` and docs/parity.md for what it costs.
     """
 
     default_loss = MultiLevelInfoNCE
@@ -92,26 +75,18 @@ class MCL(MultiLevelModule):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "loss"])
         self.set_loss(loss, MultiLevelContrastiveLoss, "loss=infonce or loss=byol")
-        if bn_groups not in BN_GROUPS:
-            raise ValueError(f"bn_groups={bn_groups!r} is invalid: use one of {BN_GROUPS}")
-        assignment = self.loss.target_assignment
-        if bn_groups == "per_side_plain_target" and assignment != "top":
+        self.grouping = build_grouping(bn_groups, self.all_pyramid_maps)
+        assignment = self.loss.assignment
+        if bn_groups == "per_side_plain_target" and assignment.reads_montages:
             raise ValueError(
-                f"bn_groups=per_side_plain_target needs loss.target_assignment=top: with {assignment!r} the target "
-                "network embeds the montages themselves; use bn_groups=per_side"
-            )
-        if self.all_pyramid_maps and bn_groups != "per_side":
-            raise ValueError(
-                f"all_pyramid_maps=true needs bn_groups=per_side, not {bn_groups!r}: it reproduces the released code's "
-                "passes, one per augmentation side over that side's plain views and montages in both networks; for "
-                "another grouping set method.all_pyramid_maps=false (preset=official sets it true)"
+                f"bn_groups=per_side_plain_target needs loss.target_assignment=top: with {assignment.name!r} the "
+                "target network embeds the montages themselves; use bn_groups=per_side"
             )
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(
                 f"base_momentum={base_momentum}, final_momentum={final_momentum} are invalid: "
                 "they need 0 <= base_momentum <= final_momentum <= 1"
             )
-        self.bn_groups = bn_groups
         self.base_momentum = base_momentum
         self.final_momentum = final_momentum
         channels = self.neck.out_channels
@@ -157,61 +132,11 @@ class MCL(MultiLevelModule):
 
     # ------------------------------------------------------------------ passes
     def embed(
-        self, network: Network, images: list[list[torch.Tensor]], joint: bool, embedded_levels: int | None = None
-    ) -> BySideLevel:
-        """Projector embeddings of every cell, keyed by ``(side, level)``.
-
-        Args:
-            images: ``images[side][level]`` ``(M, C, H, W)``: montages, or plain views at level 0.
-            joint: one pass over both sides (levels in order, sides within a level) with one head and one projector
-                call over all cells; otherwise one pass per side with head and projector per level.
-            embedded_levels: see :func:`level_cells`.
-
-        With ``all_pyramid_maps`` the side's images go through :meth:`embed_all_maps` instead (``joint`` is then
-        false: the switch needs ``bn_groups=per_side``).
-        """
-        if self.all_pyramid_maps:
-            return self.embed_all_maps(network, images, embedded_levels)
-        if not joint:
-            return {
-                (side, level): network.projector(cells)
-                for side, side_images in zip(SIDES, images, strict=True)
-                for level, cells in enumerate(level_cells(side_images, *network.trunk, embedded_levels))
-            }
-        by_level = [torch.cat(level_images) for level_images in zip(*images, strict=True)]
-        cells = level_cells(by_level, *network.trunk, embedded_levels, head_per_level=False)
-        embeddings = network.projector(torch.cat(cells)).split([len(c) for c in cells])
-        out: BySideLevel = {}
-        for level, level_embeddings in enumerate(embeddings):
-            cells_per_side = [images[side][level].shape[0] * 4**level for side in SIDES]
-            out.update(split_sides(level_embeddings, cells_per_side, level))
-        return out
-
-    def embed_all_maps(
         self, network: Network, images: list[list[torch.Tensor]], embedded_levels: int | None = None
     ) -> BySideLevel:
-        """Projector embeddings of every cell, keyed by ``(side, level)``, computed as the released code computes
-        them: every pyramid map of every image, head and projector over all of them.
-
-        Per side: one backbone pass over the side's images of all levels (``N`` images), every map of all ``N``
-        and the tile head once per map over all their tiles (:func:`~mcl.methods.base.all_map_cells`), then the
-        projector once per map over those ``N * 4**i`` features, finest map first. Level ``i`` keeps the rows of its
-        own images in map ``i`` (:func:`~mcl.methods.base.own_cells`): the cells :meth:`embed` gives without the
-        switch, in the same order. Levels from ``embedded_levels`` on are computed and left out (the released target
-        network keeps the plain views' P5 embeddings only).
-
-        Args:
-            images: ``images[side][level]`` ``(M, C, H, W)``: montages, or plain views at level 0.
-            embedded_levels: return levels ``0..embedded_levels-1`` only; all by default.
-        """
-        out: BySideLevel = {}
-        for side, side_images in zip(SIDES, images, strict=True):
-            cells = all_map_cells(side_images, *network.trunk)
-            embeddings = {level: network.projector(cells[level]) for level in reversed(range(len(cells)))}
-            counts = [len(level_images) for level_images in side_images[:embedded_levels]]
-            per_map = [embeddings[level] for level in range(len(cells))]
-            out.update({(side, level): z for level, z in enumerate(own_cells(per_map, counts))})
-        return out
+        """Projector embeddings of every cell of ``images[side][level]`` ``(M, C, H, W)`` (montages, or plain views
+        at level 0), keyed by ``(side, level)``, grouped as ``bn_groups`` says (:mod:`mcl.methods.bn_groups`)."""
+        return self.grouping.embed(network, images, embedded_levels)
 
     def online_pass(self, montages: list[SideMontages]) -> BySideLevel:
         """The online network on both sides' montages.
@@ -224,56 +149,31 @@ class MCL(MultiLevelModule):
             ``{(side, level): predictions}`` for both sides and every level, ``(M * 4**level, embedding_dim)``: the
             level's predictor applied to every cell, in ``sources.flatten()`` order.
         """
-        joint = self.bn_groups == "joint"
-        images = [[level_montages for level_montages, _ in side] for side in montages]
-        embeddings = self.embed(self.online, images, joint)
-        if not joint:
-            return {(side, level): self.predictors[level](z) for (side, level), z in embeddings.items()}
-        predictions: BySideLevel = {}
-        for level, predictor in enumerate(self.predictors):
-            both = [embeddings[side, level] for side in SIDES]
-            predictions.update(split_sides(predictor(torch.cat(both)), [len(z) for z in both], level))
-        return predictions
+        return self.grouping.predict(self.predictors, self.embed(self.online, montage_images(montages)))
 
     @torch.no_grad()
     def target_pass(self, views: torch.Tensor, montages: list[SideMontages]) -> tuple[BySideLevel, BySideLevel | None]:
-        """The target network (no gradient) on both sides, for the loss's target assignment.
+        """The target network (no gradient) on both sides, for the loss's target assignment
+        (:meth:`~mcl.targets.TargetAssignment.targets`: ``{(side, j): targets}``, ``(B, embedding_dim)`` per side and
+        target level ``j``, and beyond ``top`` the ``(B,)`` masks of the images present at level ``j``).
 
         Args:
             views: ``(B, 2, levels, C, H, W)``, the batch the montages were built from.
             montages: as :meth:`online_pass` takes them.
 
-        Returns:
-            ``{(side, j): targets}``, ``(B, embedding_dim)`` per side and target level ``j`` (``j = 0`` only for
-            ``top``, every level otherwise), and beyond ``top`` ``{(side, j): present}``, the ``(B,)`` masks of the
-            images that have a cell at level ``j`` (``None`` for ``top``).
-
-        ``top``: each image's level-0 embedding (its plain view; whether the montages join the backbone's
-        statistics follows ``bn_groups``). ``same-level`` and ``all-levels``: the target network embeds the same
-        montages as the online network (with their own cell layout) and each image gets the normalised mean of its
-        cells, so the target cost grows like the online cost. The target stays in train mode: BatchNorm uses batch
-        statistics, as in BYOL.
+        Under ``top`` whether the montages join the plain views' backbone statistics follows ``bn_groups``. The
+        target stays in train mode: BatchNorm uses batch statistics, as in BYOL.
         """
-        joint = self.bn_groups == "joint"
-        batch = len(views)
-        if self.loss.target_assignment == "top":
-            plain = [views[:, side, 0] for side in SIDES]
-            if self.bn_groups == "per_side":
-                images = [[plain[side]] + [m for m, _ in montages[side][1:]] for side in SIDES]
-            else:
-                images = [[plain[side]] for side in SIDES]
-            return self.embed(self.target, images, joint, embedded_levels=1), None
-        images = [[level_montages for level_montages, _ in side] for side in montages]
-        targets: BySideLevel = {}
-        present: BySideLevel = {}
-        for (side, level), cells in self.embed(self.target, images, joint).items():
-            sources = montages[side][level][1].flatten()
-            targets[side, level], present[side, level] = per_image_targets(cells, sources, batch)
-        return targets, present
+
+        def embed(images: list[list[torch.Tensor]], embedded_levels: int | None) -> BySideLevel:
+            return self.embed(self.target, images, embedded_levels)
+
+        in_batch = self.grouping.montages_in_target_batch
+        return self.loss.assignment.targets(embed, views, montages, montages_in_batch=in_batch)
 
     def forward_losses(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, 2, levels, C, H, W)``."""
-        self.check_views(views, level_axis=2)
+        check_views(views, self.levels, self.image_size, level_axis=2)
         montages = [self.build_montages(views[:, side]) for side in SIDES]
         predictions = self.online_pass(montages)
         targets, present = self.target_pass(views, montages)

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mcl.cells import all_map_cells, level_cells, own_cells
 from mcl.data.device import SourceBatch
 from mcl.loss import MultiLevelCrossEntropy
-from mcl.methods.base import VAL_LOADER, MultiLevelModule, all_map_cells, level_cells, own_cells
-from mcl.montage import assemble_levels
+from mcl.methods.base import VAL_LOADER, MultiLevelModule
+from mcl.montage import assemble_levels, check_views
 
 # What the classifier reads: every montage cell's tile-head feature, or the pooled C5 of whole views (levels=1).
 CLASSIFIER_INPUTS = ("tiles", "pooled_c5")
@@ -105,7 +106,7 @@ class SupervisedMultiLevel(MultiLevelModule):
 
     def forward_losses(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, levels, C, H, W)`` and ``labels`` ``(B,)``."""
-        self.check_views(views, level_axis=1)
+        check_views(views, self.levels, self.image_size, level_axis=1)
         if self._trainer is None:  # in training, the datamodule had the labels checked on the host (check_host_batch)
             self.check_labels(labels)
         logits, cell_labels = zip(*self.level_logits(self.build_montages(views), labels), strict=True)
@@ -118,9 +119,10 @@ class SupervisedMultiLevel(MultiLevelModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
-        super().validation_step(batch, batch_idx, dataloader_idx)
+        features = super().validation_step(batch, batch_idx, dataloader_idx)
         if dataloader_idx == VAL_LOADER:
             self.log_level_accuracy(*batch)
+        return features
 
     def log_level_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """``val/acc`` on the plain images and ``val/acc_level{s}`` on level-s montages of the same images, drawn
