@@ -181,7 +181,8 @@ def save_method(model, path, hyper_parameters=None):
 
 
 def retired_hyperparameters(model):
-    """The model's hyper-parameters as mcl 0.1.0 saved them when the method held the loss and schedule settings."""
+    """The model's hyper-parameters as mcl 0.2 or earlier saved them when the method held the loss and schedule
+    settings."""
     hparams = {key: value for key, value in model.hparams.items() if key != "loss"}
     hparams.update(warmup_epochs=10.0, min_lr=1e-4, schedule_shape="official", warmup_ratio=1e-4)
     settings = {key: value for key, value in model.loss.settings().items() if key != "levels"}
@@ -214,14 +215,14 @@ def test_models_load_from_checkpoints_with_their_loss(tmp_path, method, loss):
 
 @pytest.mark.parametrize(("method", "loss"), LOSSES)
 def test_a_checkpoint_of_a_retired_layout_is_refused_naming_the_version_and_the_update(tmp_path, method, loss):
-    """mcl 0.1.0 saved the loss and schedule settings among the method's hyper-parameters: such a file is refused
-    with the version that wrote it and what to change, not read with today's defaults."""
+    """mcl 0.2 or earlier saved the loss and schedule settings among the method's hyper-parameters: such a file is
+    refused with the version that wrote it and what to change, not read with today's defaults."""
     model = method(**small_trunk(2, loss=loss))
     path = save_method(model, tmp_path / "model.ckpt", retired_hyperparameters(model))
     with pytest.raises(RetiredCheckpointError) as refused:
         method.load_from_checkpoint(path)
     message = str(refused.value)
-    assert message.startswith(f"{path} was written by mcl 0.1.0 in a layout this version does not read")
+    assert message.startswith(f"{path} was written by mcl 0.2 or earlier in a layout this version does not read")
     assert "replace them by hyper_parameters['loss'], the loss's config" in message
     assert "the schedule settings ['warmup_epochs', 'min_lr', 'schedule_shape', 'warmup_ratio']" in message
     assert "torch.load(path, weights_only=True) and torch.save" in message
@@ -229,7 +230,7 @@ def test_a_checkpoint_of_a_retired_layout_is_refused_naming_the_version_and_the_
 
 def test_an_interp_neck_without_stage_is_refused_with_the_stage_to_add():
     hparams = {"neck": {"name": "interp", "out_channels": 32}, "levels": 3, "loss": {"_target_": "x"}}
-    with pytest.raises(RetiredCheckpointError, match=r"old.ckpt was written by mcl 0.1.0 .* add 'stage': 5"):
+    with pytest.raises(RetiredCheckpointError, match=r"old.ckpt was written by mcl 0.2 or earlier .* add 'stage': 5"):
         check_current_layout(hparams, "old.ckpt")
     check_current_layout({**hparams, "neck": {"name": "interp", "out_channels": 32, "stage": 5}}, "new.ckpt")
 

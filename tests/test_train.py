@@ -97,7 +97,7 @@ def test_an_interp_checkpoint_saved_before_neck_stage_existed_is_refused_with_wh
 
     retired = {"hyper_parameters": {"neck": {"name": "interp", "out_channels": 32}, "levels": 3}}
     today = SimpleNamespace(hparams={"neck": {"name": "interp", "out_channels": 32, "stage": 5}, "levels": 3})
-    with pytest.raises(RetiredCheckpointError, match="old.ckpt was written by mcl 0.1.0 .* add 'stage': 5"):
+    with pytest.raises(RetiredCheckpointError, match="old.ckpt was written by mcl 0.2 or earlier .* add 'stage': 5"):
         check_compatible(retired, "old.ckpt", today)
     on_c4 = SimpleNamespace(hparams={"neck": {"name": "interp", "out_channels": 32, "stage": 4}, "levels": 3})
     updated = {"hyper_parameters": {"neck": {"name": "interp", "out_channels": 32, "stage": 5}, "levels": 3}}

@@ -9,8 +9,9 @@
 - :class:`LastCheckpoint` keeps ``last.ckpt`` equal to the state after the newest step: after every training epoch,
   every ``every_n_train_steps`` steps, at the end of training, and at the step where SIGTERM stops it.
 - :func:`newest_loadable` picks the checkpoint to resume from when ``last.ckpt`` is unreadable.
-- :func:`check_current_layout` refuses a pretraining checkpoint of a layout that mcl 0.1.0 wrote before the loss and
-  the schedule were config groups of their own (or before ``neck.stage``), naming the version and what to update.
+- :func:`check_current_layout` refuses a pretraining checkpoint of a layout that mcl 0.2 or earlier wrote before the
+  loss and the schedule were config groups of their own (or before ``neck.stage``), naming the version and what to
+  update.
 - :func:`checkpoint_kind` tells which program wrote a checkpoint (pretraining, linear probe, detector, export), and
   :func:`check_checkpoint_kind` refuses a file of the wrong kind with what to pass instead.
 """
@@ -159,10 +160,10 @@ def newest_loadable(dirpath: str | Path, preferred: str | Path | None = None) ->
     return None
 
 
-# The hyper-parameter layouts of checkpoints that mcl 0.1.0 wrote before three changes, which this version does not
-# read: the method's own loss settings and loss name (before the `loss` config group), its schedule settings (before
-# the `scheduler` config group) and an `interp` neck without `stage` (before neck.stage).
-RETIRED_WRITER = "mcl 0.1.0"
+# The hyper-parameter layouts of checkpoints that mcl 0.2 or earlier wrote before three changes, which this version
+# does not read: the method's own loss settings and loss name (before the `loss` config group), its schedule
+# settings (before the `scheduler` config group) and an `interp` neck without `stage` (before neck.stage).
+RETIRED_WRITER = "mcl 0.2 or earlier"
 RETIRED_LOSS_KEYS = ("level_weights", "temperature", "target_assignment", "label_smoothing")
 RETIRED_SCHEDULE_KEYS = ("warmup_epochs", "min_lr", "schedule_shape", "warmup_ratio")
 
