@@ -174,6 +174,8 @@ def test_views_that_do_not_match_the_model_are_rejected():
         model.forward_losses(torch.randn(4, 2, 3, 3, 64, 64))
     with pytest.raises(ValueError, match="image_size=64"):
         model.forward_losses(torch.randn(4, 2, 2, 3, 96, 96))
+    with pytest.raises(ValueError, match="data.view_mode=byol views of 6 dimensions"):
+        model.forward_losses(torch.randn(4, 2, 3, 64, 64))  # supervised views
 
 
 @pytest.mark.parametrize("assignment", ["same-level", "all-levels"])

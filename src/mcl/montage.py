@@ -30,9 +30,20 @@ def check_levels(levels: int) -> int:
     return levels
 
 
-def check_views(views: torch.Tensor, levels: int, image_size: int, level_axis: int) -> None:
-    """Fail early when a batch's views do not match the model: one view per level (along ``level_axis``) of
-    ``image_size`` pixels."""
+# The axis of a training batch's views that holds one view per level, per ``data.view_mode``: ``byol`` views are
+# ``(B, 2, L, C, H, W)`` (two augmentation sides), ``supervised`` views ``(B, L, C, H, W)``.
+LEVEL_AXIS = {"byol": 2, "supervised": 1}
+
+
+def check_views(views: torch.Tensor, levels: int, image_size: int, view_mode: str) -> None:
+    """Fail early when a batch's views do not match the model: one view per level (along the ``view_mode``'s
+    :data:`LEVEL_AXIS`) of ``image_size`` pixels."""
+    level_axis = LEVEL_AXIS[view_mode]
+    if views.ndim != level_axis + 4:
+        raise ValueError(
+            f"the batch's views have shape {tuple(views.shape)}, but this method trains on data.view_mode="
+            f"{view_mode} views of {level_axis + 4} dimensions; set data.view_mode={view_mode}"
+        )
     if views.shape[level_axis] != levels:
         raise ValueError(
             f"the batch has {views.shape[level_axis]} views per side but levels={levels}; "

@@ -131,10 +131,10 @@ def learning_rate(
 
 
 def check_schedule(
-    shape: str = "warmup_then_cosine",
+    shape: str = "official",
     warmup_epochs: float = 10.0,
     warmup_ratio: float = 1e-4,
-    min_lr_ratio: float = 1e-4,
+    min_lr_ratio: float = 6.25e-6,
     warmup_steps: int | None = None,
 ) -> None:
     """Fail with the offending ``scheduler.*`` key when a setting of :class:`WarmupCosineLR` is out of range."""
@@ -160,7 +160,10 @@ def check_schedule(
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     """The per-step lr of pretraining: a cosine from the optimizer's lr to ``min_lr_ratio`` x that lr, with a warmup
-    (``shape``: ``warmup_then_cosine`` or the released code's ``official``, see :func:`learning_rate`).
+    (``shape``: the released code's ``official`` or ``warmup_then_cosine``, see :func:`learning_rate`).
+
+    The defaults are those of the ``scheduler`` config (``conf/scheduler/warmup_cosine.yaml``), so that a model built
+    in Python schedules its lr as ``mcl-train`` does.
 
     The warmup lasts ``warmup_steps`` optimiser steps when given (the released recipe fixes 3,127), otherwise
     ``ceil(warmup_epochs x steps_per_epoch)``; never more than ``total_steps``. The floor is relative to the peak, so
@@ -174,10 +177,10 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         optimizer: torch.optim.Optimizer,
         total_steps: int,
         steps_per_epoch: float,
-        shape: str = "warmup_then_cosine",
+        shape: str = "official",
         warmup_epochs: float = 10.0,
         warmup_ratio: float = 1e-4,
-        min_lr_ratio: float = 1e-4,
+        min_lr_ratio: float = 6.25e-6,
         warmup_steps: int | None = None,
     ):
         check_schedule(shape, warmup_epochs, warmup_ratio, min_lr_ratio, warmup_steps)

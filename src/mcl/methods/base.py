@@ -50,6 +50,8 @@ class MultiLevelModule(pl.LightningModule):
 
     # The loss a subclass builds for its levels when it is given none.
     default_loss: ClassVar[type[MultiLevelLoss]]
+    # The data.view_mode a subclass trains on, which says the layout of its training views (mcl.montage.LEVEL_AXIS).
+    view_mode: ClassVar[str]
 
     def __init__(
         self,

@@ -60,6 +60,7 @@ class MCL(MultiLevelModule):
     """
 
     default_loss = MultiLevelInfoNCE
+    view_mode = "byol"
 
     def __init__(
         self,
@@ -173,7 +174,7 @@ class MCL(MultiLevelModule):
 
     def forward_losses(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, 2, levels, C, H, W)``."""
-        check_views(views, self.levels, self.image_size, level_axis=2)
+        check_views(views, self.levels, self.image_size, self.view_mode)
         montages = [self.build_montages(views[:, side]) for side in SIDES]
         predictions = self.online_pass(montages)
         targets, present = self.target_pass(views, montages)

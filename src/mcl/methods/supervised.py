@@ -41,6 +41,7 @@ class SupervisedMultiLevel(MultiLevelModule):
     """
 
     default_loss = MultiLevelCrossEntropy
+    view_mode = "supervised"
 
     def __init__(
         self,
@@ -106,7 +107,7 @@ class SupervisedMultiLevel(MultiLevelModule):
 
     def forward_losses(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and per-level logs for ``views`` ``(B, levels, C, H, W)`` and ``labels`` ``(B,)``."""
-        check_views(views, self.levels, self.image_size, level_axis=1)
+        check_views(views, self.levels, self.image_size, self.view_mode)
         if self._trainer is None:  # in training, the datamodule had the labels checked on the host (check_host_batch)
             self.check_labels(labels)
         logits, cell_labels = zip(*self.level_logits(self.build_montages(views), labels), strict=True)
