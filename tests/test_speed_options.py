@@ -15,8 +15,7 @@ from mcl.methods import MCL, SupervisedMultiLevel
 from mcl.momentum import ema_update
 from mcl.train import train
 
-from .test_methods_mcl import small_mcl
-from .test_methods_supervised import small_supervised
+from .conftest import small_mcl, small_supervised
 
 # The options change the order of float32 sums (convolution algorithms for the channels-last layout; kernels fused
 # and reductions reordered by inductor), never the computation. Measured here: losses agree to 1e-7 relative (the
