@@ -67,7 +67,6 @@ from mcl.data.datamodules import MultiLevelDataModule  # noqa: E402
 from mcl.data.device import collate_sources  # noqa: E402
 from mcl.hostsync import CountHostSyncs  # noqa: E402
 from mcl.methods import MCL  # noqa: E402
-from mcl.momentum import ema_update  # noqa: E402
 from mcl.runtime import CONFIG_DIR, instantiate_trainer  # noqa: E402
 from mcl.train import train  # noqa: E402
 
@@ -592,7 +591,7 @@ def precision(context: Context) -> dict[str, Any]:
     pairs = model.momentum_pairs
     online = [p.detach().double() for module, _ in pairs for p in module.parameters()]
     before = [p.detach().double() for _, module in pairs for p in module.parameters()]
-    ema_update(pairs, EMA_MOMENTUM)
+    model.update_target(EMA_MOMENTUM)
     after = [p.detach().double() for _, module in pairs for p in module.parameters()]
     eps = torch.finfo(torch.float32).eps
     max_error = max_ulps = 0.0
@@ -779,7 +778,7 @@ def two_process_worker(rank: int, port: int, plan: Plan, device_type: str, folde
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema_update(model.momentum_pairs, EMA_MOMENTUM)
+        model.update_target(EMA_MOMENTUM)
         losses.append(float(loss.detach()))
     parameters = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
     torch.save(

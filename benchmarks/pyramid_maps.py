@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cost import assemble, clock, network_flops  # noqa: E402
 
 from mcl.methods import MCL  # noqa: E402
-from mcl.momentum import ema_update  # noqa: E402
 from mcl.runtime import CONFIG_DIR  # noqa: E402
 
 
@@ -60,11 +59,7 @@ class Stepper:
 
     def step(self) -> float:
         start = clock(torch.device("cpu"))
-        loss, _ = self.model.forward_losses(self.views)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        ema_update(self.model.momentum_pairs, 0.99)
+        self.model.train_step(self.optimizer, self.views, momentum=0.99)
         return clock(torch.device("cpu")) - start
 
 
