@@ -1,6 +1,6 @@
 """Cost of MCL's montage levels: FLOPs and step time of levels 1..4, relative to levels=1.
 
-Run with ``make bench`` (``.venv/bin/python benchmarks/cost.py``); ``--help`` lists the options and
+Run with ``make bench`` (``.venv/bin/python -m benchmarks.cost``); ``--help`` lists the options and
 ``benchmarks/README.md`` explains the figures. Results go to ``benchmarks/results/cost.json``.
 
 FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` on ``meta`` tensors (shapes only, no
