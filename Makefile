@@ -55,20 +55,20 @@ format: venv
 	$(VENV)/bin/ruff format src tests benchmarks
 
 bench: venv
-	$(PY) benchmarks/cost.py $(ARGS)
-	$(PY) benchmarks/data.py $(DATA_ARGS)
+	$(PY) -m benchmarks.cost $(ARGS)
+	$(PY) -m benchmarks.data $(DATA_ARGS)
 
 bench-data: venv
-	$(PY) benchmarks/data.py $(DATA_ARGS)
+	$(PY) -m benchmarks.data $(DATA_ARGS)
 
 gpu-check: venv
-	$(PY) benchmarks/gpu_check.py $(ARGS)
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 faults: venv
-	$(PY) benchmarks/faults.py $(ARGS)
+	$(PY) -m benchmarks.faults $(ARGS)
 
 transfer: venv data
-	$(PY) benchmarks/transfer.py $(ARGS)
+	$(PY) -m benchmarks.transfer $(ARGS)
 
 notebooks: venv data
 	$(PY) -m pip install --quiet -e ".[dev,notebooks]" -c constraints.txt

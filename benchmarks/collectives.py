@@ -22,8 +22,8 @@ With ``--compile`` (on by default) the converted model then compiles its network
 ``compile_backend=aot_eager``: dynamo traces, AOT autograd builds the backward graphs, no C++ code generation) and
 runs one step in the same process group; dynamo's counters give the graphs captured and the graph breaks.
 
-    .venv/bin/python benchmarks/collectives.py                            # ResNet-18 @ 64 px, ResNet-50 @ 224 px
-    .venv/bin/python benchmarks/collectives.py --settings resnet18@64:8 --no-compile
+    .venv/bin/python -m benchmarks.collectives                            # ResNet-18 @ 64 px, ResNet-50 @ 224 px
+    .venv/bin/python -m benchmarks.collectives --settings resnet18@64:8 --no-compile
 """
 
 from __future__ import annotations
@@ -52,12 +52,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import RESULTS_DIR, Setting, build_model  # noqa: E402
-
-from mcl.hostsync import HostSyncCounter  # noqa: E402
-from mcl.methods import MCL  # noqa: E402
-from mcl.syncbn import convert_sync_batchnorm  # noqa: E402
+from benchmarks.cost import RESULTS_DIR, Setting, build_model
+from mcl.hostsync import HostSyncCounter
+from mcl.methods import MCL
+from mcl.syncbn import convert_sync_batchnorm
 
 WORLD = 2
 LEVELS = 3
@@ -336,7 +334,7 @@ def main() -> None:
     for index, (label, _) in enumerate(tables[0]):
         table.add_row(label, *(rows_[index][1] for rows_ in tables))
     console.print(table)
-    command = "python benchmarks/collectives.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.collectives " + " ".join(sys.argv[1:])
     args.output.write_text(markdown(names, tables, command.strip()))
     console.print(f"written to {args.output}")
 

@@ -1,6 +1,6 @@
 """Cost of MCL's montage levels: FLOPs and step time of levels 1..4, relative to levels=1.
 
-Run with ``make bench`` (``.venv/bin/python benchmarks/cost.py``); ``--help`` lists the options and
+Run with ``make bench`` (``.venv/bin/python -m benchmarks.cost``); ``--help`` lists the options and
 ``benchmarks/README.md`` explains the figures. Results go to ``benchmarks/results/cost.json``.
 
 FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` on ``meta`` tensors (shapes only, no
@@ -33,7 +33,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from mcl.loss import MultiLevelInfoNCE
 from mcl.methods import MCL
 from mcl.methods.bn_groups import BN_GROUPS
-from mcl.momentum import ema_update
 from mcl.runtime import cudnn_benchmark
 
 LEVELS = (1, 2, 3, 4)
@@ -232,13 +231,9 @@ class StepRunner:
         self.views = torch.randn(setting.time_batch, 2, levels, 3, size, size, device=device)
 
     def train_step(self) -> None:
-        """One step as in training: ``forward_losses`` (online and target), backward, SGD step, EMA update."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss, _ = self.model.forward_losses(self.views)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        ema_update(self.model.momentum_pairs, EMA_MOMENTUM)
+        """One step as in training (``MCL.train_step``): ``forward_losses`` (online and target), backward, SGD step,
+        EMA update."""
+        self.model.train_step(self.optimizer, self.views, momentum=EMA_MOMENTUM, amp=self.amp)
 
     def timed_step(self) -> tuple[float, float]:
         """Seconds of one training step, and of the montage assembly (both sides) within it."""

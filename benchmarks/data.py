@@ -1,7 +1,7 @@
 """Can the data pipeline feed the model? Source images per second of the CPU view pipeline (per worker process), of
 the device view pipeline, and of the model's training step alone, measured in one run.
 
-Run with ``make bench`` (after ``cost.py``) or ``.venv/bin/python benchmarks/data.py``; ``--help`` lists the options
+Run with ``make bench`` (after ``cost.py``) or ``.venv/bin/python -m benchmarks.data``; ``--help`` lists the options
 and ``benchmarks/README.md`` explains the figures. Results go to ``benchmarks/results/data.{json,md}``.
 
 - **CPU pipeline, per worker**: one process on one thread (what one DataLoader worker has) reads JPEG files (500 x 375,
@@ -39,12 +39,10 @@ from rich.table import Table
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import Setting, StepRunner, add_device_option, check_device, clock  # noqa: E402
-
-from mcl.data.datamodules import MultiLevelDataModule, Transformed  # noqa: E402
-from mcl.data.device import ShrinkToFit, collate_sources  # noqa: E402
-from mcl.data.sources import ImageFiles, decode_image  # noqa: E402
+from benchmarks.cost import Setting, StepRunner, add_device_option, check_device, clock
+from mcl.data.datamodules import MultiLevelDataModule, Transformed
+from mcl.data.device import ShrinkToFit, collate_sources
+from mcl.data.sources import ImageFiles, decode_image
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LEVELS = (1, 2, 3, 4)
@@ -271,7 +269,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = " ".join(["python benchmarks/data.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m benchmarks.data", *(argv if argv is not None else sys.argv[1:])])
     console = Console() if sys.stdout.isatty() else Console(width=140)
     device = torch.device(args.device)
     sizes = plan(device, args.quick)

@@ -1,4 +1,4 @@
-"""What a detector's training step and evaluation batch cost (``python benchmarks/detector_step.py``).
+"""What a detector's training step and evaluation batch cost (``python -m benchmarks.detector_step``).
 
 The C4 R-CNNs run res5 on every sampled RoI, so on small images their head, not the trunk, sets the cost. This
 times one training step (forward, backward, SGD) and one evaluation batch of each detector the transfer benchmark
@@ -18,10 +18,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.cost import add_device_option, check_device, clock
 from mcl.detection.models import build_detector
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import add_device_option, check_device, clock  # noqa: E402
 
 # name -> build_detector options beyond the shared ones (R18, 96 px, 10 classes, the benchmark's proposals).
 VARIANTS = {
@@ -100,7 +98,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     rows = {name: time_variant(options, args, device) for name, options in VARIANTS.items()}
     first_step, first_eval = next(iter(rows.values()))
-    command = shlex.join(["python", "benchmarks/detector_step.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.detector_step", *sys.argv[1:]])
     lines = [
         "# Detector step cost",
         "",

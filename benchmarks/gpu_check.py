@@ -1,6 +1,6 @@
 """GPU acceptance check: everything a first GPU session must measure, in one command of at most 8 minutes.
 
-Run with ``make gpu-check`` (``.venv/bin/python benchmarks/gpu_check.py``) on a machine with one CUDA card; ``--quick``
+Run with ``make gpu-check`` (``.venv/bin/python -m benchmarks.gpu_check``) on a machine with one CUDA card; ``--quick``
 runs every part at tiny sizes on the CPU (the test suite does, so the script keeps working until a GPU comes).
 ``benchmarks/README.md`` explains the figures. Results go to ``benchmarks/results/gpu_check.{json,md}``
 (``gpu_check_quick.{json,md}`` with ``--quick``). The parts, each run on its own (a failing part is recorded with its
@@ -58,18 +58,15 @@ from torch._dynamo.utils import counters as dynamo_counters
 from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import add_device_option, check_device, clock  # noqa: E402
-from speed_options import VARIANTS, Runner  # noqa: E402
-
-from mcl.checkpoints import LAST, load_checkpoint  # noqa: E402
-from mcl.data.datamodules import MultiLevelDataModule  # noqa: E402
-from mcl.data.device import collate_sources  # noqa: E402
-from mcl.hostsync import CountHostSyncs  # noqa: E402
-from mcl.methods import MCL  # noqa: E402
-from mcl.momentum import ema_update  # noqa: E402
-from mcl.runtime import CONFIG_DIR, instantiate_trainer  # noqa: E402
-from mcl.train import train  # noqa: E402
+from benchmarks.cost import add_device_option, check_device, clock
+from benchmarks.speed_options import VARIANTS, Runner
+from mcl.checkpoints import LAST, load_checkpoint
+from mcl.data.datamodules import MultiLevelDataModule
+from mcl.data.device import collate_sources
+from mcl.hostsync import CountHostSyncs
+from mcl.methods import MCL
+from mcl.runtime import CONFIG_DIR, instantiate_trainer
+from mcl.train import train
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LEVELS = 3
@@ -592,7 +589,7 @@ def precision(context: Context) -> dict[str, Any]:
     pairs = model.momentum_pairs
     online = [p.detach().double() for module, _ in pairs for p in module.parameters()]
     before = [p.detach().double() for _, module in pairs for p in module.parameters()]
-    ema_update(pairs, EMA_MOMENTUM)
+    model.update_target(EMA_MOMENTUM)
     after = [p.detach().double() for _, module in pairs for p in module.parameters()]
     eps = torch.finfo(torch.float32).eps
     max_error = max_ulps = 0.0
@@ -779,7 +776,7 @@ def two_process_worker(rank: int, port: int, plan: Plan, device_type: str, folde
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema_update(model.momentum_pairs, EMA_MOMENTUM)
+        model.update_target(EMA_MOMENTUM)
         losses.append(float(loss.detach()))
     parameters = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
     torch.save(
@@ -996,7 +993,7 @@ def save(results: dict[str, Any], json_path: Path, start: float) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = " ".join(["python benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m benchmarks.gpu_check", *(argv if argv is not None else sys.argv[1:])])
     console = Console() if sys.stdout.isatty() else Console(width=140)
     device = torch.device(args.device)
     plan = QUICK_PLAN if args.quick else GPU_PLAN

@@ -1,6 +1,6 @@
 """Where a pretraining of the transfer benchmark spends its time: waiting for data, the training step, validation.
 
-``python benchmarks/pretrain_step.py [--row "MCL, 3 levels"] [--steps 12]`` composes the pretraining that
+``python -m benchmarks.pretrain_step [--row "MCL, 3 levels"] [--steps 12]`` composes the pretraining that
 ``make transfer`` runs for a row (``benchmarks/transfer.py``'s overrides and settings) and, for each view path
 (``data.augment_on=cpu|device``) and worker count (0, 2), fits it for ``--steps`` steps and one validation, timing:
 
@@ -29,10 +29,8 @@ import hydra
 import pytorch_lightning as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import transfer  # noqa: E402  (the benchmark whose pretraining is measured)
-
-from mcl.data.device import SourceBatch  # noqa: E402
+from benchmarks import transfer  # the benchmark whose pretraining is measured
+from mcl.data.device import SourceBatch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pretrain_step.md"
 
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures = measure([*base, *extra], args.steps, Path(scratch) / f"{augment_on}{workers}")
                 rows.append((augment_on, workers, figures))
                 print(augment_on, workers, {k: round(v, 3) for k, v in figures.items()}, flush=True)
-    command = " ".join(["python benchmarks/pretrain_step.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m benchmarks.pretrain_step", *(argv if argv is not None else sys.argv[1:])])
     lines = [
         f"# Where a pretraining of the transfer benchmark spends its time: {args.row!r}, {args.settings} settings",
         "",

@@ -1,6 +1,6 @@
 """What ``method.all_pyramid_maps`` costs: FLOPs and CPU step time of one MCL training step, switch off vs on.
 
-``.venv/bin/python benchmarks/pyramid_maps.py --threads 1 [--repeats 5] [--preset paper|official]``; see
+``.venv/bin/python -m benchmarks.pyramid_maps --threads 1 [--repeats 5] [--preset paper|official]``; see
 docs/parity.md. Not part of ``make bench``. ``--flops-only --preset official --backbone resnet50 --image-size 224
 --batch 128`` counts the FLOPs of the released recipe's per-device step instead (no timing).
 
@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import hydra
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import assemble, clock, network_flops  # noqa: E402
-
-from mcl.methods import MCL  # noqa: E402
-from mcl.momentum import ema_update  # noqa: E402
-from mcl.runtime import CONFIG_DIR  # noqa: E402
+from benchmarks.cost import assemble, clock, network_flops
+from mcl.methods import MCL
+from mcl.runtime import CONFIG_DIR
 
 
 def default_model(all_pyramid_maps: bool, preset: str, extra: tuple[str, ...] = ()) -> tuple[MCL, int]:
@@ -60,11 +55,7 @@ class Stepper:
 
     def step(self) -> float:
         start = clock(torch.device("cpu"))
-        loss, _ = self.model.forward_losses(self.views)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        ema_update(self.model.momentum_pairs, 0.99)
+        self.model.train_step(self.optimizer, self.views, momentum=0.99)
         return clock(torch.device("cpu")) - start
 
 

@@ -9,8 +9,8 @@ compiles the networks: its time is reported apart, and depends on whether induct
 ``/tmp/torchinductor_$USER`` already holds the kernels); the table gives the median and the minimum of ``--repeats``
 timed steps and each median's ratio to the default's.
 
-    .venv/bin/python benchmarks/speed_options.py --threads 1                   # ResNet-18, 64 px, batch 16, 3 levels
-    .venv/bin/python benchmarks/speed_options.py --device cuda --amp --batch 64
+    .venv/bin/python -m benchmarks.speed_options --threads 1                   # ResNet-18, 64 px, batch 16, 3 levels
+    .venv/bin/python -m benchmarks.speed_options --device cuda --amp --batch 64
 """
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cost import StepRunner, add_device_option, check_device, clock  # noqa: E402
-
-from mcl.loss import MultiLevelInfoNCE  # noqa: E402
-from mcl.methods import MCL  # noqa: E402
+from benchmarks.cost import StepRunner, add_device_option, check_device, clock
+from mcl.loss import MultiLevelInfoNCE
+from mcl.methods import MCL
 
 # Constructor arguments of each variant, on top of the shared ones.
 VARIANTS: dict[str, dict[str, Any]] = {

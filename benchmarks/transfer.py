@@ -56,6 +56,7 @@ from mcl.knn import knn_top1
 from mcl.linear import feature_probe_top1, frozen_backbone, pooled_features
 from mcl.pyramid import interp_min_image_size
 from mcl.results import compare_nested, mean_std
+from mcl.runs import read_json, write_json
 from mcl.runtime import CONFIG_DIR
 from mcl.train import train
 
@@ -159,19 +160,20 @@ def slug(name: str) -> str:
 
 
 def cached(folder: Path, settings: dict[str, Any], run) -> dict[str, Any]:
-    """``run()``'s result, stored in ``folder/result.json`` with ``settings`` and reused when they match."""
-    result_file = folder / "result.json"
-    if result_file.is_file():
-        stored = json.loads(result_file.read_text())
-        if stored.get("settings") == json.loads(json.dumps(settings, default=str)):
-            return stored["result"]
-    folder.mkdir(parents=True, exist_ok=True)
+    """``run()``'s result, stored in ``folder/result.json`` with ``settings`` and reused when they match. Both are
+    kept as JSON holds them (paths and the like as strings), so a fresh result and a cached one read alike."""
+    settings, result_file = as_json(settings), folder / "result.json"
+    stored = read_json(result_file)
+    if stored.get("settings") == settings:
+        return stored["result"]
     started = time.perf_counter()
-    result = {**run(), "seconds": time.perf_counter() - started}
-    temporary = result_file.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"settings": settings, "result": result}, indent=1, default=str))
-    temporary.replace(result_file)
+    result = as_json({**run(), "seconds": time.perf_counter() - started})
+    write_json({"settings": settings, "result": result}, result_file)
     return result
+
+
+def as_json(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
 
 
 def composed(config: str, overrides: list[str], output_dir: Path):
@@ -284,9 +286,8 @@ def fine_tune(
     names += ("train_canvases", "val_canvases")
     settings = {"row": row, "checkpoint": checkpoint, "lr": lr, "seed": seed, "split": split}
     settings.update({k: s[k] for k in names})
+    settings["arch"] = s["arch"]
     c4_sizing = []
-    if s["arch"] != DEFAULT_ARCH:  # the default detector's runs keep the cache keys they had before --arch
-        settings["arch"] = s["arch"]
     if s["arch"] in C4_ARCHITECTURES:
         settings["roi_pool_size"] = s["roi_pool_size"]
         c4_sizing = [f"model.roi_pool_size={s['roi_pool_size']}"]
@@ -296,8 +297,7 @@ def fine_tune(
     if s.get("roi_levels", "torchvision") == "pretraining":
         settings["roi_levels"] = "pretraining"
         roi_levels = [f"model.roi_canonical_scale={s['image_size']}", "model.roi_canonical_level=5"]
-    arch = "" if s["arch"] == DEFAULT_ARCH else f"{s['arch']}_"
-    folder = s["runs"] / f"finetune_{arch}{slug(row)}_{split}_lr{lr:g}_seed{seed}_{key(settings)}"
+    folder = s["runs"] / f"finetune_{s['arch']}_{slug(row)}_{split}_lr{lr:g}_seed{seed}_{key(settings)}"
     overrides = [
         f"model.arch={s['arch']}", f"seed={seed}", f"data.root={data['root']}",
         f"data.train_annotations={train_annotations}",

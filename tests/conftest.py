@@ -1,4 +1,4 @@
-"""Shared fixtures: composed Hydra configs for fast CPU runs."""
+"""Shared fixtures: composed Hydra configs for fast CPU runs, and small models built without them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from mcl.loss import MultiLevelInfoNCE
+from mcl.methods import MCL, SupervisedMultiLevel
 from mcl.runtime import CONFIG_DIR
 
 torch.set_num_threads(2)
@@ -26,6 +28,18 @@ def small_trunk(levels: int, **kwargs) -> dict:
         "optimizer": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
         **kwargs,
     }
+
+
+def small_mcl(levels: int = 2, target_assignment: str = "top", temperature: float = 1.0, **kwargs) -> MCL:
+    """A small MCL (16-channel pyramid, 16-d embeddings) whose loss is MultiLevelInfoNCE with paper weights and the
+    given ``target_assignment`` and ``temperature``."""
+    loss = MultiLevelInfoNCE(levels, temperature=temperature, target_assignment=target_assignment)
+    return MCL(**small_trunk(levels, **{"projector_hidden_dim": 32, "embedding_dim": 16, "loss": loss, **kwargs}))
+
+
+def small_supervised(levels: int = 3, **kwargs) -> SupervisedMultiLevel:
+    """A small supervised multi-level model (16-channel pyramid, 10 classes)."""
+    return SupervisedMultiLevel(**small_trunk(levels, **{"num_classes": 10, **kwargs}))
 
 
 def compose_train(

@@ -4,7 +4,7 @@ import torch
 from mcl.methods.bn_groups import BN_GROUPS, Joint, PerSide, PerSideAllMaps, PerSidePlainTarget, build_grouping
 from mcl.sides import montage_images
 
-from .test_methods_mcl import small_mcl
+from .conftest import small_mcl
 
 
 def test_each_name_builds_its_strategy_once():

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "data.py"
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = "benchmarks.data"
 LEVELS = ("levels_1", "levels_2", "levels_3", "levels_4")
 
 
 def test_quick_data_benchmark_measures_every_pipeline(tmp_path):
     output = tmp_path / "data_quick.json"
-    command = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--workers", "1", "--output", str(output)]
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", MODULE, "--quick", "--device", "cpu", "--workers", "1", "--output", str(output)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600, cwd=ROOT)
     results = json.loads(output.read_text())
     assert results["environment"]["device"].startswith("cpu") and results["environment"]["workers"] == 1
     cpu, device = results["cpu_worker"], results["device_pipeline"]
@@ -32,5 +33,5 @@ def test_quick_data_benchmark_measures_every_pipeline(tmp_path):
         e2e["images_per_s"] / model["images_per_s"]
     )
     page = output.with_suffix(".md").read_text()
-    assert "python benchmarks/data.py --quick" in page and "| CPU views, one worker (1 thread) |" in page
+    assert "python -m benchmarks.data --quick" in page and "| CPU views, one worker (1 thread) |" in page
     assert "of the model step alone" in page

@@ -1,7 +1,7 @@
 """``benchmarks/gpu_check.py --quick``: every part of the GPU acceptance check runs on the CPU at tiny sizes and lands
 in the JSON with real figures, and the markdown page names what was not measured."""
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = "benchmarks.gpu_check"
 PARTS = ["environment", "device_views", "host_syncs", "bare_step", "precision", "lightning_run", "two_process"]
 SYNC_RUNS = ["mcl_augment_on_cpu", "mcl_augment_on_device", "supervised_augment_on_cpu", "supervised_augment_on_device"]
 
@@ -24,7 +25,8 @@ def positive(value) -> bool:
 
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=900, env=env)
+    command = [sys.executable, "-m", MODULE, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def test_two_processes_finish_with_identical_parameters(quick):
 
 def test_the_page_names_the_command_and_what_was_not_measured(quick):
     page = quick[2]
-    assert "`python benchmarks/gpu_check.py --quick --device cpu --output" in page
+    assert "`python -m benchmarks.gpu_check --quick --device cpu --output" in page
     assert "no figure here is a GPU figure" in page
     assert "| bare_step | default.ms_per_step |" in page
     assert "- bare_step.*.peak_memory_mib: CUDA only" in page
@@ -124,12 +126,8 @@ def test_the_page_names_the_command_and_what_was_not_measured(quick):
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    """The script as a module, imported in this process (its functions, without a new interpreter's start-up)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # its dataclasses look their module up while they are built
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark imported in this process (its functions, without a new interpreter's start-up)."""
+    return importlib.import_module(MODULE)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

@@ -4,7 +4,7 @@ import torch
 from mcl.knn import knn_top1
 from mcl.knn_monitor import KNNMonitor
 
-from .test_methods_mcl import small_mcl
+from .conftest import small_mcl
 
 
 def run_validation(monitor, model, batches):

@@ -10,14 +10,7 @@ from mcl.methods import MCL
 from mcl.montage import assemble_levels
 from mcl.sides import cell_sources
 
-from .conftest import small_trunk
-
-
-def small_mcl(levels=2, target_assignment="top", temperature=1.0, **kwargs):
-    """A small MCL (16-channel pyramid, 16-d embeddings) whose loss is MultiLevelInfoNCE with paper weights and the
-    given ``target_assignment`` and ``temperature``."""
-    loss = MultiLevelInfoNCE(levels, temperature=temperature, target_assignment=target_assignment)
-    return MCL(**small_trunk(levels, **{"projector_hidden_dim": 32, "embedding_dim": 16, "loss": loss, **kwargs}))
+from .conftest import small_mcl, small_trunk
 
 
 def reference_cells(backbone, neck, head, montages, level, tile=2):

@@ -6,15 +6,10 @@ import torch.nn.functional as F
 
 from mcl.cells import level_cells
 from mcl.loss import MultiLevelCrossEntropy, MultiLevelInfoNCE
-from mcl.methods import SupervisedMultiLevel
 from mcl.methods.supervised import assemble_labels
 from mcl.montage import assemble_levels, assemble_montage
 
-from .conftest import small_trunk
-
-
-def small_supervised(levels=3, **kwargs):
-    return SupervisedMultiLevel(**small_trunk(levels, **{"num_classes": 10, **kwargs}))
+from .conftest import small_supervised
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])

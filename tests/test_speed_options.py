@@ -12,11 +12,9 @@ from torch._dynamo.utils import counters
 
 from mcl.checkpoints import load_checkpoint
 from mcl.methods import MCL, SupervisedMultiLevel
-from mcl.momentum import ema_update
 from mcl.train import train
 
-from .test_methods_mcl import small_mcl
-from .test_methods_supervised import small_supervised
+from .conftest import small_mcl, small_supervised
 
 # The options change the order of float32 sums (convolution algorithms for the channels-last layout; kernels fused
 # and reductions reordered by inductor), never the computation. Measured here: losses agree to 1e-7 relative (the
@@ -35,13 +33,8 @@ def step_results(model, views, labels=None):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     inputs = (views,) if labels is None else (views, labels)
     model.seed_montages(0)
-    loss, _ = model.forward_losses(*inputs)
-    optimizer.zero_grad()
-    loss.backward()
+    loss = model.train_step(optimizer, *inputs, momentum=0.5)
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    optimizer.step()
-    if hasattr(model, "momentum_pairs"):
-        ema_update(model.momentum_pairs, 0.5)
     model.seed_montages(1)
     next_loss, _ = model.forward_losses(*inputs)
     return {

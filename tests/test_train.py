@@ -62,14 +62,34 @@ def test_supervised_labels_beyond_the_classifier_name_the_key(tiny_cfg):
         train(tiny_cfg("method=supervised", "method.num_classes=3", "validate_at_init=false"))
 
 
-def test_ema_runs_after_each_optimizer_step(tiny_cfg):
+def test_ema_runs_after_each_optimizer_step(tiny_cfg, monkeypatch):
+    """Every optimiser step moves the target to ``m * target + (1 - m) * online`` with the scheduled momentum, and
+    the checkpoint holds the target of the last update (a frozen copy of the initial weights would not be)."""
+    updates = []
+    update_target = MCL.update_target
+
+    def recorded(model, momentum):
+        before = [p.detach().clone() for p in model.target_backbone.parameters()]
+        update_target(model, momentum)
+        online = [p.detach().clone() for p in model.backbone.parameters()]
+        after = [p.detach().clone() for p in model.target_backbone.parameters()]
+        updates.append((momentum, before, online, after))
+
+    monkeypatch.setattr(MCL, "update_target", recorded)
     cfg = tiny_cfg("+trainer.max_steps=2", "validate_at_init=false")
     train(cfg)
     checkpoint = torch.load(checkpoint_dir(cfg) / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 2
+    assert len(updates) == 2  # once per optimiser step
+    for momentum, before, online, after in updates:
+        assert momentum < 1
+        for b, o, a in zip(before, online, after, strict=True):
+            exact = momentum * b.double() + (1 - momentum) * o.double()
+            torch.testing.assert_close(a.double(), exact, rtol=1e-6, atol=1e-8)
+        assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
     model = MCL.load_from_checkpoint(checkpoint_dir(cfg) / "last.ckpt")
-    pairs = zip(model.backbone.parameters(), model.target_backbone.parameters(), strict=True)
-    assert any(not torch.equal(online, target) for online, target in pairs)
+    for saved, last in zip(model.target_backbone.parameters(), updates[-1][-1], strict=True):
+        assert torch.equal(saved, last)
     assert checkpoint["montage_generator_states"].shape[0] == 1  # one row per rank
 
 

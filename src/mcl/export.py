@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from mcl.checkpoints import (
     BACKBONE_WEIGHTS,
@@ -106,9 +107,10 @@ def to_torchvision_c4(state: dict[str, torch.Tensor], hparams: dict[str, Any]) -
 
 
 def _fold_batchnorm(weight: torch.Tensor, norm: dict[str, torch.Tensor], eps: float = 1e-5):
-    """A bias-free conv followed by eval-mode BN, as one conv with a bias."""
-    scale = norm["weight"] / torch.sqrt(norm["running_var"] + eps)
-    return weight * scale.view(-1, 1, 1, 1), norm["bias"] - norm["running_mean"] * scale
+    """A bias-free conv followed by eval-mode BN (``nn.BatchNorm2d``'s default ``eps``), as one conv with a bias."""
+    mean, var, scale, shift = (norm[name] for name in ("running_mean", "running_var", "weight", "bias"))
+    fused_weight, fused_bias = fuse_conv_bn_weights(weight, None, mean, var, eps, scale, shift)
+    return fused_weight.detach(), fused_bias.detach()
 
 
 def to_torchvision_retinanet(state: dict[str, torch.Tensor], hparams: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -177,6 +177,25 @@ class MultiLevelModule(pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         return [self.knn_monitor, self.divergence_guard, ConfiguredOptimizerOnResume(self.optimizer_setup)]
 
+    def update_target(self, momentum: float) -> None:
+        """What follows each optimiser step: a method with a momentum target moves it towards the online network
+        (:meth:`MCL.update_target <mcl.methods.MCL.update_target>`); the others have nothing to do."""
+
+    def train_step(
+        self, optimizer: torch.optim.Optimizer, *inputs: torch.Tensor, momentum: float, amp: bool = False
+    ) -> torch.Tensor:
+        """One training step without a Trainer, the one ``mcl-train`` runs: :meth:`forward_losses` on ``inputs``
+        (what ``training_step`` takes from its batch), backward, ``optimizer.step()``, then :meth:`update_target`
+        at ``momentum`` (what ``optimizer_step`` does after it). ``amp``: the forward pass under bf16 autocast.
+        Returns the loss; the gradients stay in the parameters' ``.grad``."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = self.forward_losses(*inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.update_target(momentum)
+        return loss
+
     def log_loss(self, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
         """Log the step's loss and its parts, and hand the loss to the divergence guard. Lightning reads progress-bar
         values on the host at every step, so the bar's ``loss`` is a host copy taken every ``log_every_n_steps``

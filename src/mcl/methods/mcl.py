@@ -180,6 +180,10 @@ class MCL(MultiLevelModule):
         targets, present = self.target_pass(views, montages)
         return self.loss(predictions, cell_sources(montages), targets, present)
 
+    def update_target(self, momentum: float) -> None:
+        """The EMA update of the target networks: ``target = momentum * target + (1 - momentum) * online``."""
+        ema_update(self.momentum_pairs, momentum)
+
     def setup(self, stage: str) -> None:
         """Refuse a global batch of one image: InfoNCE against a single target is 0 and nothing would train. Then
         compile the networks when ``compile`` asks (:meth:`MultiLevelModule.setup`)."""
@@ -205,6 +209,6 @@ class MCL(MultiLevelModule):
             self.base_momentum,
             self.final_momentum,
         )
-        ema_update(self.momentum_pairs, momentum)
+        self.update_target(momentum)
         # A CPU tensor: a Python float would be copied to the device at every step, which waits for it.
         self.log("train/momentum", torch.tensor(momentum, dtype=torch.float32))
