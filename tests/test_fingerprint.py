@@ -1,14 +1,11 @@
 """``benchmarks/fingerprint.py``: a few configurations' training step recomputed bit for bit against the committed
 reference, and ``--check`` failing on a difference."""
 
-import importlib.util
+import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fingerprint.py"
 # About a second each: FPN with 4 levels at 32 px (1x1 tiles), the interp neck on C4, and the supervised method with
 # every pyramid map of every image (preset=official).
 CHEAP = ("levels4_32px", "interp_stage4_32px", "supervised_official")
@@ -17,11 +14,7 @@ CHEAP = ("levels4_32px", "interp_stage4_32px", "supervised_official")
 @pytest.fixture(scope="module")
 def fingerprint():
     """``benchmarks/fingerprint.py`` as a module, imported in this process."""
-    spec = importlib.util.spec_from_file_location("fingerprint_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fingerprint_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.fingerprint")
 
 
 @pytest.fixture(scope="module")

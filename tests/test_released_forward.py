@@ -17,9 +17,7 @@ The reference is ``benchmarks/parity.py``'s :func:`released_forward`: the releas
 """
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
@@ -29,7 +27,6 @@ from mcl.methods import MCL, SupervisedMultiLevel
 
 from .conftest import small_trunk
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "parity.py"
 # The released recipe's 4 levels (montages B, B/4, B/16, B/32, weights 1/2, 1/4, 1/8, 1/8) at B = 32, 64 px, where
 # tiles are 2 x 2 (the released 7 x 7 at 224 px) and level 3 has one 8 x 8 montage.
 BATCH, SIZE, LEVELS = 32, 64, 4
@@ -38,11 +35,7 @@ BATCH, SIZE, LEVELS = 32, 64, 4
 @pytest.fixture(scope="module")
 def parity():
     """``benchmarks/parity.py`` as a module, imported in this process."""
-    spec = importlib.util.spec_from_file_location("parity_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["parity_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.parity")
 
 
 def official_mcl(all_pyramid_maps: bool) -> MCL:

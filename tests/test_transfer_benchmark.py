@@ -1,7 +1,6 @@
 """``benchmarks/transfer.py --quick``: the whole transfer protocol end to end, on a handful of images."""
 
 import importlib
-import importlib.util
 import json
 import re
 import subprocess
@@ -88,9 +87,7 @@ def test_quick_c4_transfer_fine_tunes_mask_rcnn_c4_from_the_interp_neck(tmp_path
     ],
 )
 def test_settings_a_c4_run_cannot_use_are_refused_before_any_work(tmp_path, arguments, message, capsys):
-    spec = importlib.util.spec_from_file_location("transfer_benchmark", SCRIPT)
-    transfer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(transfer)
+    transfer = importlib.import_module("benchmarks.transfer")
     with pytest.raises(SystemExit) as refused:
         transfer.main(["--quick", "--runs", str(tmp_path / "runs"), *arguments])
     assert refused.value.code == 2 and re.search(message, capsys.readouterr().err)

@@ -1,9 +1,8 @@
 """The transfer benchmark's protocol pieces: held-out split, area thirds, seed statistics, weight report, probe,
 claims table."""
 
-import importlib.util
+import importlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,6 @@ from mcl.detection.coco import THIRD_NAMES, area_thirds, coco_evaluate, split_an
 from mcl.detection.finetune import weight_report
 from mcl.linear import feature_probe_top1
 from mcl.results import compare_means, mean_std
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def square_dataset(sides):
@@ -119,14 +116,6 @@ def test_feature_probe_separates_separable_features_and_not_noise():
     assert chance < 60.0
 
 
-def transfer_module():
-    """``benchmarks/transfer.py`` as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("transfer_benchmark", BENCHMARKS / "transfer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def pretrained_row(aps_per_pretraining, knn=50.0):
     """A row of the transfer benchmark's results: one pretraining per list of fine-tuning APs (AP50 = AP + 10,
     AP75 = AP - 1 in every run)."""
@@ -142,7 +131,7 @@ def pretrained_row(aps_per_pretraining, knn=50.0):
 
 
 def test_claims_use_the_pretraining_spread_and_name_each_verdict():
-    transfer = transfer_module()
+    transfer = importlib.import_module("benchmarks.transfer")
     results = {
         "random init": pretrained_row([[4.0, 4.5, 5.0, 4.0, 4.5, 5.0]], knn=20.0),  # one group: its seeds
         "supervised": pretrained_row([[6.0, 6.0], [7.0, 7.0], [8.0, 8.0]]),
