@@ -536,7 +536,8 @@ def markdown(
         mask = f" {pm(pooled(result, 'mask_AP'))} | {against_baseline(row, 'mask_AP')} |" if masks else ""
         all_runs = [run for p in pretrainings for run in p["runs"]]
         grid_s = sum(p["grid_s"] for p in pretrainings)
-        tune_min = (grid_s + sum(run["seconds"] for run in all_runs)) / 60 / (len(all_runs) + len(s["lrs"]) - 1)
+        grid_runs = len(s["lrs"]) if len(s["lrs"]) > 1 else 0  # one lr: no held-out runs
+        tune_min = (grid_s + sum(run["seconds"] for run in all_runs)) / 60 / (len(all_runs) + grid_runs)
         per_pretraining = groups(result, "AP") if len(pretrainings) > 1 else [[ap] for ap in groups(result, "AP")[0]]
         seeds = " / ".join(f"{mean_std(group)[0]:.1f}" for group in per_pretraining)
         pre = f"{mean_std([p['pretrain_s'] / 60 for p in pretrainings])[0]:.1f}" if row != BASELINE else "-"
