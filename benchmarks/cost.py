@@ -34,6 +34,7 @@ from mcl.loss import MultiLevelInfoNCE
 from mcl.methods import MCL
 from mcl.methods.bn_groups import BN_GROUPS
 from mcl.runtime import cudnn_benchmark
+from mcl.stepping import train_step
 
 LEVELS = (1, 2, 3, 4)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -231,9 +232,9 @@ class StepRunner:
         self.views = torch.randn(setting.time_batch, 2, levels, 3, size, size, device=device)
 
     def train_step(self) -> None:
-        """One step as in training (``MCL.train_step``): ``forward_losses`` (online and target), backward, SGD step,
-        EMA update."""
-        self.model.train_step(self.optimizer, self.views, momentum=EMA_MOMENTUM, amp=self.amp)
+        """One step as in training (:func:`mcl.stepping.train_step`): ``forward_losses`` (online and target),
+        backward, SGD step, EMA update."""
+        train_step(self.model, self.optimizer, self.views, momentum=EMA_MOMENTUM, amp=self.amp)
 
     def timed_step(self) -> tuple[float, float]:
         """Seconds of one training step, and of the montage assembly (both sides) within it."""

@@ -25,6 +25,7 @@ from rich.table import Table
 from benchmarks.cost import assemble, clock, network_flops
 from mcl.methods import MCL
 from mcl.runtime import CONFIG_DIR
+from mcl.stepping import train_step
 
 
 def default_model(all_pyramid_maps: bool, preset: str, extra: tuple[str, ...] = ()) -> tuple[MCL, int]:
@@ -55,7 +56,7 @@ class Stepper:
 
     def step(self) -> float:
         start = clock(torch.device("cpu"))
-        self.model.train_step(self.optimizer, self.views, momentum=0.99)
+        train_step(self.model, self.optimizer, self.views, momentum=0.99)
         return clock(torch.device("cpu")) - start
 
 

@@ -53,7 +53,7 @@ from mcl.detection.finetune import finetune
 from mcl.detection.models import ARCHITECTURES, C4_ARCHITECTURES, C4_ROI_POOL_SIZE, MASK_ARCHITECTURES
 from mcl.detection.probe import PLACES, object_probe_top1, read_objects
 from mcl.knn import knn_top1
-from mcl.linear import feature_probe_top1, frozen_backbone, pooled_features
+from mcl.linear import feature_probe_top1, frozen_backbone, loader_features
 from mcl.pyramid import interp_min_image_size
 from mcl.results import compare_nested, mean_std
 from mcl.runs import read_json, write_json
@@ -258,7 +258,7 @@ def probe(
             bank, test = flat_pixels(bank_loader), flat_pixels(val_loader)
         else:
             backbone = probed_backbone(checkpoint, s["image_size"], seed)
-            bank, test = pooled_features(backbone, bank_loader), pooled_features(backbone, val_loader)
+            bank, test = loader_features(backbone, bank_loader), loader_features(backbone, val_loader)
         result = {
             "knn_top1": knn_top1(test[0], test[1], bank[0], bank[1]),
             "linear_top1": feature_probe_top1(bank, test),

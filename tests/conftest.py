@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -76,3 +79,32 @@ def tiny_cfg(tmp_path):
         return compose_train([*TINY, *small, *extra], output_dir=tmp_path)
 
     return make
+
+
+# ---------------------------------------------------------------- distributed
+WORLD = 2  # processes in the gloo groups of the distributed tests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(function) -> dict:
+    """Run ``function(rank, port, results)`` in ``WORLD`` processes; returns what they put in ``results``."""
+    results = mp.Manager().dict()
+    mp.spawn(function, args=(free_port(), results), nprocs=WORLD, join=True)
+    return dict(results)
+
+
+def join(rank: int, port: int) -> None:
+    """Join the ``WORLD``-process gloo group as ``rank``."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(model, path):
+    """What Lightning writes, reduced to what export reads."""
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    return path

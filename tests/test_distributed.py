@@ -3,7 +3,6 @@ global targets and labels, the gathered kNN monitor, and Lightning DDP runs thro
 BatchNorm, eager and compiled)."""
 
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -13,32 +12,15 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mcl import distributed
 from mcl.knn import KNNAccuracy, knn_top1
 from mcl.loss import MultiLevelInfoNCE
 
-WORLD, BATCH, DIM = 2, 4, 8
+from .conftest import WORLD, join, spawn
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn(function) -> dict:
-    """Run ``function(rank, port, results)`` in ``WORLD`` processes; returns what they put in ``results``."""
-    results = mp.Manager().dict()
-    mp.spawn(function, args=(free_port(), results), nprocs=WORLD, join=True)
-    return dict(results)
-
-
-def join(rank: int, port: int) -> None:
-    """Join the ``WORLD``-process gloo group as ``rank``."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+BATCH, DIM = 4, 8
 
 
 def test_without_a_process_group_there_is_one_rank_and_gathering_is_the_identity():

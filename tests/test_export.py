@@ -12,13 +12,7 @@ from mcl.detection.models import build_detector
 from mcl.export import CheckpointKindError, detectron2_resnet_name, export, main
 from mcl.methods import MCL, SupervisedMultiLevel
 
-from .conftest import small_trunk
-
-
-def save_checkpoint(model, path):
-    """What Lightning writes, reduced to what export reads."""
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
-    return path
+from .conftest import save_checkpoint, small_trunk
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from mcl.detection.pretrained import load_pretrained
 from mcl.methods import MCL
 from mcl.runtime import CONFIG_DIR
 
-from .conftest import small_trunk
-from .test_export import save_checkpoint
+from .conftest import save_checkpoint, small_trunk
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,7 @@ from mcl.linear import LinearProbe, frozen_backbone, linear_eval
 from mcl.methods import MCL
 from mcl.runtime import CONFIG_DIR
 
-from .conftest import small_trunk
-from .test_export import save_checkpoint
+from .conftest import save_checkpoint, small_trunk
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from mcl.optim import WarmupCosineLR
-from mcl.optimization import OptimizerSetup, global_batch_size
+from mcl.optimization import OptimizerSetup, forward_batch_size, global_batch_size
+
+from .conftest import small_mcl
 
 
 def trainer(batch_size=16, world_size=2, accumulate=1, steps=40, epochs=4):
@@ -40,6 +42,21 @@ def test_global_batch_multiplies_devices_and_accumulation():
     assert global_batch_size(trainer(batch_size=8, world_size=4, accumulate=3)) == 96
     with pytest.raises(RuntimeError, match="batch_size to scale the learning rate"):
         global_batch_size(SimpleNamespace(datamodule=None, world_size=1, accumulate_grad_batches=1))
+
+
+def test_the_forward_batch_counts_devices_but_not_accumulation():
+    assert forward_batch_size(trainer(batch_size=8, world_size=4, accumulate=3)) == 32
+    assert forward_batch_size(SimpleNamespace(datamodule=None, world_size=2)) is None
+    assert forward_batch_size(SimpleNamespace(datamodule=SimpleNamespace(), world_size=2)) is None
+
+
+def test_mcl_refuses_a_global_batch_of_one_image_before_fitting():
+    model = small_mcl()
+    model.trainer = trainer(batch_size=1, world_size=1)
+    with pytest.raises(ValueError, match=r"batch_size=1 on 1 device\(s\) gives one target per step"):
+        model.setup("fit")
+    model.trainer = trainer(batch_size=1, world_size=2)  # one image on each of two devices: two targets
+    model.setup("fit")
 
 
 def test_settings_are_checked_by_name():

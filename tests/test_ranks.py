@@ -16,8 +16,7 @@ from mcl.methods.mcl import MCL
 from mcl.montage_streams import GENERATOR_STATES, montage_seed
 from mcl.train import train
 
-from .conftest import SMALL_MCL, TINY, compose_train, small_trunk
-from .test_distributed import WORLD, join, spawn
+from .conftest import SMALL_MCL, TINY, WORLD, compose_train, join, small_trunk, spawn
 
 
 def shuffle_worker(rank: int, port: int, results) -> None:

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from mcl.checkpoints import load_checkpoint
 from mcl.methods import MCL, SupervisedMultiLevel
+from mcl.stepping import train_step
 from mcl.train import train
 
 from .conftest import small_mcl, small_supervised
@@ -33,7 +34,7 @@ def step_results(model, views, labels=None):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     inputs = (views,) if labels is None else (views, labels)
     model.seed_montages(0)
-    loss = model.train_step(optimizer, *inputs, momentum=0.5)
+    loss = train_step(model, optimizer, *inputs, momentum=0.5)
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     model.seed_montages(1)
     next_loss, _ = model.forward_losses(*inputs)

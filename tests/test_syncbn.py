@@ -19,8 +19,7 @@ from mcl.hostsync import HostSyncCounter
 from mcl.runtime import instantiate_trainer
 from mcl.syncbn import SyncBatchNorm, SyncBatchNormPlugin, convert_sync_batchnorm, revert_sync_batchnorm
 
-from .conftest import compose_train
-from .test_distributed import WORLD, join, spawn
+from .conftest import WORLD, compose_train, join, spawn
 
 # Rank 0 holds the first 3 samples of the batch of 8, rank 1 the other 5.
 SHARDS = (slice(0, 3), slice(3, 8))

@@ -99,7 +99,7 @@ class LinearProbe(pl.LightningModule):
 
 
 @torch.no_grad()
-def pooled_features(backbone: Backbone, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+def loader_features(backbone: Backbone, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, C5), labels (N,))``: the frozen backbone's pooled C5 of every ``(images, labels)`` batch."""
     backbone.eval()
     features, labels = [], []

@@ -172,7 +172,7 @@ class MultiLevelLoss(nn.Module):
             )
 
     @classmethod
-    def target(cls) -> str:
+    def import_path(cls) -> str:
         """The import path that a config's ``_target_`` names this class by."""
         return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -183,7 +183,7 @@ class MultiLevelLoss(nn.Module):
     def config(self) -> dict[str, Any]:
         """This loss as a config (``_target_`` and :meth:`settings`): what the methods save among their
         hyper-parameters, and what :func:`build_loss` reads back."""
-        return {"_target_": self.target(), **self.settings()}
+        return {"_target_": self.import_path(), **self.settings()}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
@@ -353,13 +353,27 @@ class MultiLevelCrossEntropy(MultiLevelLoss):
         return multi_level_cross_entropy(logits, labels, self.level_weights, self.label_smoothing)
 
 
+def check_method_loss(loss: MultiLevelLoss, kind: type[MultiLevelLoss], method: Any, choices: str) -> MultiLevelLoss:
+    """``loss`` once it is a ``kind`` (``choices``: the configs that build one) weighing ``method.levels`` levels."""
+    if not isinstance(loss, kind):
+        raise ValueError(
+            f"{type(method).__name__} needs a {kind.__name__} loss ({choices}), not a {type(loss).__name__}"
+        )
+    if loss.levels != method.levels:
+        raise ValueError(
+            f"loss.levels={loss.levels} but levels={method.levels}: the loss weighs one term per montage level, so "
+            "build it for the model's levels (the loss configs interpolate ${levels})"
+        )
+    return loss
+
+
 LOSS_CLASSES: tuple[type[MultiLevelLoss], ...] = (MultiLevelInfoNCE, MultiLevelBYOL, MultiLevelCrossEntropy)
 
 
 def build_loss(config: Mapping[str, Any]) -> MultiLevelLoss:
     """A loss from its :meth:`MultiLevelLoss.config`, e.g. as a checkpoint saved it. Only the loss classes of this
     module are built: a config read from a file names no other code to run."""
-    classes = {cls.target(): cls for cls in LOSS_CLASSES}
+    classes = {cls.import_path(): cls for cls in LOSS_CLASSES}
     settings = dict(config)
     target = settings.pop("_target_", None)
     if target not in classes:

@@ -66,9 +66,16 @@ class OptimizerSetup:
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def forward_batch_size(trainer: Any) -> int | None:
+    """Images per forward pass over every device: the datamodule's ``batch_size`` x devices (``None`` when the
+    Trainer has no datamodule that says). The one place a model reads the data's batch size."""
+    per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+    return None if per_device is None else per_device * trainer.world_size
+
+
 def global_batch_size(trainer: Any) -> int:
-    """Images per optimiser step over every device: the datamodule's ``batch_size`` x devices x accumulation."""
-    per_device = getattr(trainer.datamodule, "batch_size", None)
-    if per_device is None:
+    """Images per optimiser step over every device: :func:`forward_batch_size` x gradient accumulation."""
+    images = forward_batch_size(trainer)
+    if images is None:
         raise RuntimeError("the datamodule must expose batch_size to scale the learning rate")
-    return per_device * trainer.world_size * trainer.accumulate_grad_batches
+    return images * trainer.accumulate_grad_batches

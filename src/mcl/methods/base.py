@@ -18,7 +18,7 @@ from mcl.geometry import check_image_size
 from mcl.heads import TileHead
 from mcl.initialization import check_weight_init, official_trunk_init
 from mcl.knn_monitor import KNNMonitor
-from mcl.loss import MultiLevelLoss
+from mcl.loss import MultiLevelLoss, check_method_loss
 from mcl.methods.loading import load_method
 from mcl.montage import DOWNSCALE_MODES, assemble_levels, check_levels
 from mcl.montage import montage_counts as count_montages
@@ -109,21 +109,10 @@ class MultiLevelModule(pl.LightningModule):
 
     # --------------------------------------------------------------------- loss
     def set_loss(self, loss: MultiLevelLoss | None, kind: type[MultiLevelLoss], choices: str) -> None:
-        """Take ``loss`` (``default_loss`` when ``None``) as ``self.loss`` once it is a ``kind`` for these levels
-        (``choices``: the configs that build one); its config joins the hyper-parameters (after
-        ``save_hyperparameters(ignore=[..., "loss"])``)."""
-        loss = self.default_loss(self.levels) if loss is None else loss
-        if not isinstance(loss, kind):
-            raise ValueError(
-                f"{type(self).__name__} needs a {kind.__name__} loss ({choices}), not a {type(loss).__name__}"
-            )
-        if loss.levels != self.levels:
-            raise ValueError(
-                f"loss.levels={loss.levels} but levels={self.levels}: the loss weighs one term per montage level, so "
-                "build it for the model's levels (the loss configs interpolate ${levels})"
-            )
-        self.loss = loss
-        self.save_hyperparameters({"loss": loss.config()})
+        """Take ``loss`` (``default_loss`` when ``None``) as ``self.loss`` once :func:`~mcl.loss.check_method_loss`
+        accepts it; its config joins the hyper-parameters (after ``save_hyperparameters(ignore=[..., "loss"])``)."""
+        self.loss = check_method_loss(self.default_loss(self.levels) if loss is None else loss, kind, self, choices)
+        self.save_hyperparameters({"loss": self.loss.config()})
 
     @classmethod
     def load_from_checkpoint(
@@ -180,21 +169,6 @@ class MultiLevelModule(pl.LightningModule):
     def update_target(self, momentum: float) -> None:
         """What follows each optimiser step: a method with a momentum target moves it towards the online network
         (:meth:`MCL.update_target <mcl.methods.MCL.update_target>`); the others have nothing to do."""
-
-    def train_step(
-        self, optimizer: torch.optim.Optimizer, *inputs: torch.Tensor, momentum: float, amp: bool = False
-    ) -> torch.Tensor:
-        """One training step without a Trainer, the one ``mcl-train`` runs: :meth:`forward_losses` on ``inputs``
-        (what ``training_step`` takes from its batch), backward, ``optimizer.step()``, then :meth:`update_target`
-        at ``momentum`` (what ``optimizer_step`` does after it). ``amp``: the forward pass under bf16 autocast.
-        Returns the loss; the gradients stay in the parameters' ``.grad``."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = self.forward_losses(*inputs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        self.update_target(momentum)
-        return loss
 
     def log_loss(self, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
         """Log the step's loss and its parts, and hand the loss to the divergence guard. Lightning reads progress-bar

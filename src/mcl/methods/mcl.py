@@ -15,6 +15,7 @@ from mcl.methods.base import MultiLevelModule
 from mcl.methods.bn_groups import build_grouping
 from mcl.momentum import cosine_momentum, ema_update, make_target
 from mcl.montage import check_views
+from mcl.optimization import forward_batch_size
 from mcl.sides import SIDES, BySideLevel, SideMontages, cell_sources, montage_images
 
 
@@ -187,11 +188,12 @@ class MCL(MultiLevelModule):
     def setup(self, stage: str) -> None:
         """Refuse a global batch of one image: InfoNCE against a single target is 0 and nothing would train. Then
         compile the networks when ``compile`` asks (:meth:`MultiLevelModule.setup`)."""
-        batch = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
-        if stage == "fit" and batch is not None and batch * self.trainer.world_size < 2:
+        images = forward_batch_size(self.trainer)
+        if stage == "fit" and images is not None and images < 2:
             raise ValueError(
-                f"batch_size={batch} on {self.trainer.world_size} device(s) gives one target per step: the contrastive "
-                "loss is then 0 and nothing trains; use a global batch of at least 2 (in practice 64 or more)"
+                f"batch_size={images // self.trainer.world_size} on {self.trainer.world_size} device(s) gives one "
+                "target per step: the contrastive loss is then 0 and nothing trains; use a global batch of at least 2 "
+                "(in practice 64 or more)"
             )
         super().setup(stage)
 
