@@ -454,23 +454,32 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores"
 
 
-def markdown(
-    results: dict[str, dict], s: dict[str, Any], name: str, spread: dict, ranges, minutes: float, pixels: dict
-) -> str:
-    pm = lambda pair: "{:.1f} ± {:.1f}".format(*pair)  # noqa: E731
+def pm(pair: tuple[float, float]) -> str:
+    return "{:.1f} ± {:.1f}".format(*pair)
 
-    def against_baseline(row: str, stat: str) -> str:
-        """The row's ``stat`` against random init's: the gap, twice its nested standard error and the verdict."""
-        if row == BASELINE:
-            return "-"
-        c = versus(results, row, BASELINE, stat)
-        return f"{c['gap']:+.1f} ± {c['two_se']:.1f}: {c['verdict']}"
 
+def against_baseline(results: dict[str, dict], row: str, stat: str) -> str:
+    """The row's ``stat`` against random init's: the gap, twice its nested standard error and the verdict."""
+    if row == BASELINE:
+        return "-"
+    c = versus(results, row, BASELINE, stat)
+    return f"{c['gap']:+.1f} ± {c['two_se']:.1f}: {c['verdict']}"
+
+
+def table(header: list[str], rows: list[list[str]], aligns: list[str] | None = None) -> list[str]:
+    """A markdown table's lines; ``aligns``: one ``---:`` or ``---`` per column (default: the first left, the rest
+    right)."""
+    aligns = aligns or ["---"] + ["---:"] * (len(header) - 1)
+    return ["| " + " | ".join(cells) + " |" for cells in (header, aligns, *rows)]
+
+
+def protocol_text(results: dict[str, dict], s: dict[str, Any], name: str, spread: dict, ranges, minutes: float,
+                  pixels: dict) -> list[str]:  # fmt: skip
+    """The title and the paragraphs that say what produced the tables and how to read them."""
     # The fine-tuning overrides beyond the frozen stages, which the text names on their own.
     extra_finetune = [o for o in s["finetune_overrides"] if not o.startswith("model.frozen_stages=")]
     c4 = s["arch"] in C4_ARCHITECTURES
-    masks = s["arch"] in MASK_ARCHITECTURES
-    lines = [
+    return [
         f"# Transfer benchmark ({name}): Fashion-MNIST canvases, {ARCH_NAMES[s['arch']]}",
         "",
         f"Produced by `{s['command']}` "
@@ -522,89 +531,107 @@ def markdown(
         "backbone (`mcl.detection.probe`), *in place* (C3-C5 pooled over each box of the whole canvas: what the "
         "detector starts from), *centred* (the box alone at the centre of an empty canvas, pooled C5) and *moved* "
         "(alone at a random place).",
-        "",
-        "| pretraining | kNN top-1 | linear top-1 | objects in place | objects centred | objects moved | lr | AP "
-        "| AP per pretraining | AP50 | AP75 | vs random init |"
-        + (" mask AP | mask vs random init |" if masks else "")
-        + " pretrain min | fine-tune min |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
-        + (" ---: | --- |" if masks else "")
-        + " ---: | ---: |",
     ]
+
+
+def fine_tune_minutes(pretrainings: list[dict], s: dict[str, Any]) -> float:
+    """Minutes per fine-tuning run of a row: its runs and its held-out grid runs (none with one lr)."""
+    all_runs = [run for p in pretrainings for run in p["runs"]]
+    grid_runs = len(s["lrs"]) if len(s["lrs"]) > 1 else 0
+    grid_s = sum(p["grid_s"] for p in pretrainings)
+    return (grid_s + sum(run["seconds"] for run in all_runs)) / 60 / (len(all_runs) + grid_runs)
+
+
+def main_table(results: dict[str, dict], s: dict[str, Any]) -> list[str]:
+    """One line per row: frozen probes, lr, AP with its seeds and its gap to random init, minutes."""
+    masks = s["arch"] in MASK_ARCHITECTURES
+    header = ["pretraining", "kNN top-1", "linear top-1", "objects in place", "objects centred", "objects moved"]
+    header += ["lr", "AP", "AP per pretraining", "AP50", "AP75", "vs random init"]
+    header += ["mask AP", "mask vs random init"] if masks else []
+    header += ["pretrain min", "fine-tune min"]
+    aligns = ["---"] + ["---:"] * 10 + ["---"] + (["---:", "---"] if masks else []) + ["---:", "---:"]
+    lines = []
     for row, result in results.items():
         pretrainings = result["pretrainings"]
-        mask = f" {pm(pooled(result, 'mask_AP'))} | {against_baseline(row, 'mask_AP')} |" if masks else ""
-        all_runs = [run for p in pretrainings for run in p["runs"]]
-        grid_s = sum(p["grid_s"] for p in pretrainings)
-        grid_runs = len(s["lrs"]) if len(s["lrs"]) > 1 else 0  # one lr: no held-out runs
-        tune_min = (grid_s + sum(run["seconds"] for run in all_runs)) / 60 / (len(all_runs) + grid_runs)
         per_pretraining = groups(result, "AP") if len(pretrainings) > 1 else [[ap] for ap in groups(result, "AP")[0]]
-        seeds = " / ".join(f"{mean_std(group)[0]:.1f}" for group in per_pretraining)
-        pre = f"{mean_std([p['pretrain_s'] / 60 for p in pretrainings])[0]:.1f}" if row != BASELINE else "-"
-        objects = " | ".join(
+        objects = [
             frozen_cell(result, f"objects_{place}_top1") if f"objects_{place}_top1" in pretrainings[0] else "-"
             for place in PLACES
-        )
-        lines.append(
-            f"| {row} | {frozen_cell(result, 'knn_top1')} | {frozen_cell(result, 'linear_top1')} | "
-            f"{objects} | {pretrainings[0]['lr']:g} | {pm(pooled(result, 'AP'))} | {seeds} | "
-            f"{pm(pooled(result, 'AP50'))} | {pm(pooled(result, 'AP75'))} | {against_baseline(row, 'AP')} |{mask} "
-            f"{pre} | {tune_min:.1f} |"
-        )
-    scales = ("APs3", "APm3", "APl3", "APs", "APm", "APl")
-    lines += [
-        "",
-        "By object size: the objects' own area thirds (APs3/APm3/APl3) and COCO's 32²/96² ranges (APs/APm/APl), "
-        "means and spreads as AP's:",
-        "",
-        "| pretraining | " + " | ".join(scales) + " |",
-        "| --- | " + " | ".join("---:" for _ in scales) + " |",
-    ]
-    for row, result in results.items():
-        lines.append(f"| {row} | " + " | ".join(pm(pooled(result, stat)) for stat in scales) + " |")
-    repeated = [(row, r) for row, r in results.items() if len(r["pretrainings"]) > 1]
-    if repeated:
-        lines += ["", "Each pretraining seed (AP: mean ± std over its fine-tuning seeds):", ""]
-        lines += ["| pretraining | seed | kNN top-1 | linear top-1 | AP | AP per fine-tuning seed | pretrain min |"]
-        lines += ["| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for row, result in repeated:
-            for p, aps in zip(result["pretrainings"], groups(result, "AP"), strict=True):
-                lines.append(
-                    f"| {row} | {p['seed']} | {p['knn_top1']:.1f} | {p['linear_top1']:.1f} | {pm(mean_std(aps))} | "
-                    + " / ".join(f"{ap:.1f}" for ap in aps)
-                    + f" | {p['pretrain_s'] / 60:.1f} |"
-                )
-    if len(s["lrs"]) > 1:
-        lines += [
-            "",
-            "Held-out AP (the first pretraining, fine-tuning seed 0) for each learning rate of the grid:",
-            "",
-            "| pretraining | " + " | ".join(f"lr {lr:g}" for lr in s["lrs"]) + " |",
-            "| --- | " + " | ".join("---:" for _ in s["lrs"]) + " |",
         ]
-        for row, result in results.items():
-            by_lr = result["pretrainings"][0]["heldout_ap_by_lr"]
-            lines.append(f"| {row} | " + " | ".join(f"{by_lr[f'{lr:g}']:.1f}" for lr in s["lrs"]) + " |")
-    parts = list(results[BASELINE]["pretrainings"][0]["runs"][0]["weights"])
-    lines += [
-        "",
+        cells = [row, frozen_cell(result, "knn_top1"), frozen_cell(result, "linear_top1"), *objects]
+        cells += [f"{pretrainings[0]['lr']:g}", pm(pooled(result, "AP"))]
+        cells += [" / ".join(f"{mean_std(group)[0]:.1f}" for group in per_pretraining)]
+        cells += [pm(pooled(result, "AP50")), pm(pooled(result, "AP75")), against_baseline(results, row, "AP")]
+        cells += [pm(pooled(result, "mask_AP")), against_baseline(results, row, "mask_AP")] if masks else []
+        pre = f"{mean_std([p['pretrain_s'] / 60 for p in pretrainings])[0]:.1f}" if row != BASELINE else "-"
+        lines.append(cells + [pre, f"{fine_tune_minutes(pretrainings, s):.1f}"])
+    return table(header, lines, aligns)
+
+
+def scale_table(results: dict[str, dict]) -> list[str]:
+    scales = ["APs3", "APm3", "APl3", "APs", "APm", "APl"]
+    intro = "By object size: the objects' own area thirds (APs3/APm3/APl3) and COCO's 32²/96² ranges (APs/APm/APl), "
+    lines = [intro + "means and spreads as AP's:", ""]
+    rows = [[row] + [pm(pooled(result, stat)) for stat in scales] for row, result in results.items()]
+    return lines + table(["pretraining", *scales], rows)
+
+
+def seed_table(results: dict[str, dict]) -> list[str]:
+    """Each pretraining seed of the rows with more than one (none when no row has)."""
+    repeated = [(row, r) for row, r in results.items() if len(r["pretrainings"]) > 1]
+    if not repeated:
+        return []
+    header = ["pretraining", "seed", "kNN top-1", "linear top-1", "AP", "AP per fine-tuning seed", "pretrain min"]
+    rows = [
+        [row, str(p["seed"]), f"{p['knn_top1']:.1f}", f"{p['linear_top1']:.1f}", pm(mean_std(aps))]
+        + [" / ".join(f"{ap:.1f}" for ap in aps), f"{p['pretrain_s'] / 60:.1f}"]
+        for row, result in repeated
+        for p, aps in zip(result["pretrainings"], groups(result, "AP"), strict=True)
+    ]
+    return ["", "Each pretraining seed (AP: mean ± std over its fine-tuning seeds):", "", *table(header, rows)]
+
+
+def lr_table(results: dict[str, dict], lrs: list[float]) -> list[str]:
+    """Held-out AP per learning rate of the grid (none with one lr)."""
+    if len(lrs) < 2:
+        return []
+    rows = [
+        [row] + [f"{result['pretrainings'][0]['heldout_ap_by_lr'][f'{lr:g}']:.1f}" for lr in lrs]
+        for row, result in results.items()
+    ]
+    intro = "Held-out AP (the first pretraining, fine-tuning seed 0) for each learning rate of the grid:"
+    return ["", intro, "", *table(["pretraining"] + [f"lr {lr:g}" for lr in lrs], rows)]
+
+
+def weights_table(results: dict[str, dict], c4: bool) -> list[str]:
+    """Each part's weight norm at the start of fine-tuning against random init's, and how far fine-tuning moved it."""
+    reference = results[BASELINE]["pretrainings"][0]["runs"][0]["weights"]
+    parts = list(reference)
+    rows = []
+    for row, result in results.items():
+        weights = result["pretrainings"][0]["runs"][0]["weights"]
+        rows.append([row] + [
+            f"{weights[p]['norm_start'] / reference[p]['norm_start']:.2f} ({100 * weights[p]['relative_move']:.1f})"
+            for p in parts
+        ])  # fmt: skip
+    intro = (
         "Weights (the first pretraining, fine-tuning seed 0): norm of the conv/linear weights of each part when "
         "fine-tuning starts, as a multiple of the random initialisation's, and in brackets how far fine-tuning moved "
         "them (`||w_end - w_start|| / ||w_start||`, in %). A conv followed by BatchNorm is scale-invariant: its "
         "effective step is lr / ||w||², so weights k times larger move k² times less for the same lr."
-        + (" The C4 detector's box_head is the ResNet's res5." if c4 else ""),
-        "",
-        "| pretraining | " + " | ".join(parts) + " |",
-        "| --- | " + " | ".join("---:" for _ in parts) + " |",
-    ]
-    reference = results[BASELINE]["pretrainings"][0]["runs"][0]["weights"]
-    for row, result in results.items():
-        weights = result["pretrainings"][0]["runs"][0]["weights"]
-        cells = [
-            f"{weights[p]['norm_start'] / reference[p]['norm_start']:.2f} ({100 * weights[p]['relative_move']:.1f})"
-            for p in parts
-        ]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        + (" The C4 detector's box_head is the ResNet's res5." if c4 else "")
+    )
+    return ["", intro, "", *table(["pretraining", *parts], rows)]
+
+
+def markdown(
+    results: dict[str, dict], s: dict[str, Any], name: str, spread: dict, ranges, minutes: float, pixels: dict
+) -> str:
+    """``transfer.md``: what produced it, the main table, then AP by object size, by pretraining seed, by lr of the
+    grid, and the weights' norms."""
+    lines = protocol_text(results, s, name, spread, ranges, minutes, pixels) + ["", *main_table(results, s), ""]
+    lines += scale_table(results) + seed_table(results) + lr_table(results, list(s["lrs"]))
+    lines += weights_table(results, s["arch"] in C4_ARCHITECTURES)
     return "\n".join(lines) + "\n"
 
 

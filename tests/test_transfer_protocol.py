@@ -189,3 +189,22 @@ def test_claims_use_the_pretraining_spread_and_name_each_verdict():
     del results["supervised"]
     text = transfer.claims(results, settings, "default", None)
     assert "rows ['supervised'] not run" in text and "`make bench` has not run" in text
+
+
+def test_the_committed_tables_are_what_their_json_gives():
+    """``transfer.md`` regenerates from ``transfer.json`` (the run's results and settings) byte for byte: each table
+    reads only what the json keeps, and the committed pair comes from one run."""
+    transfer = importlib.import_module("benchmarks.transfer")
+    results_dir = transfer.ROOT / "results"
+    saved = json.loads((results_dir / "transfer.json").read_text())
+    rows = saved["rows"]
+    ranges = rows[transfer.BASELINE]["pretrainings"][0]["runs"][0]["area_ranges"]
+    table = transfer.markdown(rows, saved["settings"], "default", saved["spread"], ranges, saved["minutes"],
+                              saved["pixel_probe"])  # fmt: skip
+    machine = transfer.machine()
+    expected = (results_dir / "transfer.md").read_text()
+    assert table.replace(f"on {machine}:", "on 2 CPU cores:") == expected
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| pretraining | kNN top-1"))
+    assert header.count("|") - 1 == 14 and "| random init |" in table
+    assert len([line for line in lines if line.startswith("| MCL, 3 levels | ")]) == 1 + 1 + 3 + 1 + 1
