@@ -215,6 +215,7 @@ CHECKPOINT_KINDS = {
     "pretraining": "a pretraining checkpoint (written by mcl-train)",
     "linear probe": "a linear probe checkpoint (written by mcl-linear)",
     "detector": "a detector checkpoint (written by mcl-finetune)",
+    "segmenter": "a segmenter checkpoint (written by mcl-finetune task=semantic)",
     "export": "a bare weight file (a state dict without training state, as mcl-export writes)",
     "unknown": "not a checkpoint of this library",
 }
@@ -231,6 +232,11 @@ CHECKPOINT_INPUTS = {
     "mcl-finetune model.pretrained": "mcl-finetune model.pretrained=... starts a detector from a pretraining "
     "checkpoint (checkpoints/last.ckpt of an mcl-train run) or from mcl-export's fasterrcnn_v2, retinanet_v2 or "
     "fasterrcnn_c4 file",
+    "mcl-finetune task=semantic": "mcl-finetune task=semantic ckpt_path=... resumes segmentation fine-tuning from "
+    "its own checkpoints (checkpoints/last.ckpt of an mcl-finetune task=semantic run)",
+    "mcl-finetune task=semantic model.pretrained": "mcl-finetune task=semantic model.pretrained=... starts a "
+    "segmenter from a pretraining checkpoint (checkpoints/last.ckpt of an mcl-train run) or from mcl-export's "
+    "fasterrcnn_v2 or torchvision file",
     "mcl-export": "mcl-export exports a pretraining checkpoint (checkpoints/last.ckpt or the best checkpoint of an "
     "mcl-train run)",
 }
@@ -246,6 +252,8 @@ def checkpoint_kind(checkpoint: Mapping[str, Any]) -> str:
     - ``"linear probe"``: ``mcl-linear`` (:class:`mcl.linear.LinearProbe`): ``backbone.model.*`` and ``classifier.*``
       weights and nothing else (no saved hyper-parameters either).
     - ``"detector"``: ``mcl-finetune`` (:class:`mcl.detection.finetune.DetectionModule`): ``detector.*`` weights.
+    - ``"segmenter"``: ``mcl-finetune task=semantic`` (:class:`mcl.segmentation.finetune.SegmentationModule`):
+      ``segmenter.*`` weights.
     - ``"export"``: a bare state dict (tensor values, no ``state_dict`` key), as ``mcl-export`` writes for its
       torchvision, timm and torchvision detector formats, or its detectron2 dictionary (``model`` and
       ``__author__: "mcl"``). Another library's state dict has the same form.
@@ -256,6 +264,8 @@ def checkpoint_kind(checkpoint: Mapping[str, Any]) -> str:
         keys = [str(key) for key in state]
         if keys and all(key.startswith("detector.") for key in keys):
             return "detector"
+        if keys and all(key.startswith("segmenter.") for key in keys):
+            return "segmenter"
         if any(key.startswith(BACKBONE_WEIGHTS) for key in keys):
             # Plain supervised pretraining (a classifier on pooled C5) has a linear probe's keys: its saved
             # hyper-parameters tell them apart.
@@ -307,6 +317,8 @@ def _other_uses(kind: str, path: str | Path) -> str:
         "pretraining checkpoint it was trained from (the checkpoint=... in its run's .hydra/config.yaml)",
         "detector": f"to resume its fine-tuning use mcl-finetune ckpt_path={path} with the settings of its run; to "
         "start a detector from pretrained weights, pass the pretraining checkpoint as model.pretrained",
+        "segmenter": f"to resume its fine-tuning use mcl-finetune task=semantic ckpt_path={path} with the settings of "
+        "its run; to start a segmenter from pretrained weights, pass the pretraining checkpoint as model.pretrained",
         "export": "a bare weight file has no training state or settings to resume from: pass the pretraining "
         "checkpoint it was exported from (mcl-finetune model.pretrained also takes mcl-export's detector formats)",
         "unknown": "pass a checkpoint written by mcl-train, mcl-linear or mcl-finetune (checkpoints/*.ckpt of a run)",

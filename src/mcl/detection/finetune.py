@@ -1,4 +1,4 @@
-"""Detection fine-tuning: ``mcl-finetune key=value ...`` (Hydra, ``conf/finetune.yaml``).
+"""Detection fine-tuning: ``mcl-finetune key=value ...`` (Hydra, ``conf/finetune.yaml``, ``task=detection``).
 
 A torchvision Faster/Mask R-CNN FPN v2, RetinaNet v2 or Faster/Mask R-CNN C4 (ResNet-18 or -50) built from MCL
 weights, trained on any COCO-format dataset and evaluated with pycocotools. :func:`finetune` returns the metrics,
@@ -37,16 +37,12 @@ from mcl.detection.coco import (
 from mcl.detection.models import MASK_ARCHITECTURES, build_detector
 from mcl.detection.pretrained import load_pretrained
 from mcl.distributed import world_size
-from mcl.runs import open_run_logs
 from mcl.runtime import (
-    CONFIG_DIR,
     closing_loggers,
     instantiate_trainer,
-    print_summary,
     save_metrics,
     scalar_metrics,
 )
-from mcl.validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -264,19 +260,3 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     if module.area_ranges:
         metrics["area_ranges"] = module.area_ranges
     return metrics
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="finetune")
-def main(cfg: DictConfig) -> float | None:
-    check_config(cfg)
-    open_run_logs()  # the job's log file (mcl.runs.RunLogFile)
-    metrics = finetune(cfg)
-    if pl.utilities.rank_zero.rank_zero_only.rank == 0:
-        keys = ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/mask_AP")
-        source = cfg.model.pretrained or "random initialisation"
-        print_summary(metrics, keys, f"mcl-finetune: {cfg.model.arch} {cfg.model.backbone} from {source}")
-    return metrics.get(cfg.get("optimized_metric") or "", None)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""Semantic segmentation transfer: ``mcl-finetune task=semantic``."""
