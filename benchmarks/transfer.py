@@ -22,6 +22,11 @@ A row is called better than random initialisation only when its mean AP exceeds 
 standard error of the two means. Every finished run is cached under ``benchmarks/runs`` by its settings, so an
 interrupted benchmark resumes where it stopped. Writes ``benchmarks/results/transfer{,_full,_large,_<tag>}.md``
 and ``.json`` and the AP-by-IoU plot with seed spread (the paper's Fig. 6 on this data).
+
+``--task semantic`` fine-tunes a semantic-FPN segmenter (``mcl-finetune task=semantic``) on the same canvases
+instead, with the same rows, seeds, cached pretrainings, learning-rate choice (by mIoU on the held-out canvases) and
+verdict rule, and writes ``transfer_semantic{,_<settings>}.md`` and ``.json`` with mIoU, pixel accuracy and IoU per
+class.
 """
 
 from __future__ import annotations
@@ -49,9 +54,9 @@ from mcl.data import FashionMNISTDataModule
 from mcl.detection.analysis import plot_ap_by_iou_seeds, plot_scale_spread
 from mcl.detection.coco import split_annotations
 from mcl.detection.fashion_canvas import CanvasSpec, build_fashion_canvas, object_scale_spread
-from mcl.detection.finetune import finetune
 from mcl.detection.models import ARCHITECTURES, C4_ARCHITECTURES, C4_ROI_POOL_SIZE, MASK_ARCHITECTURES
 from mcl.detection.probe import PLACES, object_probe_top1, read_objects
+from mcl.finetune import finetune
 from mcl.knn import knn_top1
 from mcl.linear import feature_probe_top1, frozen_backbone, loader_features
 from mcl.pyramid import interp_min_image_size
@@ -79,6 +84,10 @@ ARCH_NAMES = {
 # is 6x6) make it 2 times, a fine-tuning about 5 minutes on 2 CPU cores instead of 25.
 C4_SIZING = {"rois": 16, "roi_pool_size": 7}
 DEFAULT_ARCH = "fasterrcnn_v2"
+# --task -> the metric that picks the lr and decides a verdict (val/<metric>), and its secondary columns.
+TASK_METRICS = {"detection": ("AP", ("AP50", "AP75")), "semantic": ("mIoU", ("pixel_accuracy",))}
+SEMANTIC_ARCH = "semantic_fpn"
+SECONDARY_NAMES = {"AP50": "AP50", "AP75": "AP75", "pixel_accuracy": "pixel accuracy"}
 # frozen_stages -> what fine-tuning trains (mcl-finetune's model.frozen_stages, detectron2's FREEZE_AT).
 FROZEN = {
     0: "every backbone stage trained",
@@ -297,17 +306,23 @@ def fine_tune(
     if s.get("roi_levels", "torchvision") == "pretraining":
         settings["roi_levels"] = "pretraining"
         roi_levels = [f"model.roi_canonical_scale={s['image_size']}", "model.roi_canonical_level=5"]
+    semantic = s.get("task", "detection") == "semantic"
+    if semantic:  # detection's settings keep their keys (and cached runs) as they were
+        settings["task"] = "semantic"
     folder = s["runs"] / f"finetune_{s['arch']}_{slug(row)}_{split}_lr{lr:g}_seed{seed}_{key(settings)}"
+    detector = [
+        f"model.min_size={s['canvas']}", f"model.max_size={s['canvas']}", f"model.rois_per_image={s['rois']}",
+        "model.proposals_train=200", "model.proposals_test=50",
+    ]  # fmt: skip
+    # The segmenter's head as wide as the pyramid (the detectors' box head is too).
+    task = ["task=semantic", f"model.head_channels={s['width']}"] if semantic else detector
     overrides = [
-        f"model.arch={s['arch']}", f"seed={seed}", f"data.root={data['root']}",
+        *task, f"model.arch={s['arch']}", f"seed={seed}", f"data.root={data['root']}",
         f"data.train_annotations={train_annotations}",
         f"data.val_images={val_images}", f"data.val_annotations={val_annotations}",
         f"data.batch_size={s['batch_size']}", f"data.num_workers={s['workers']}",
         f"detection_schedule.max_epochs={s['finetune_epochs']}", "detection_schedule.warmup_steps=50",
-        f"optimizer.lr={lr}",
-        f"model.min_size={s['canvas']}", f"model.max_size={s['canvas']}", f"model.rois_per_image={s['rois']}",
-        f"model.fpn_channels={s['width']}",
-        "model.proposals_train=200", "model.proposals_test=50",
+        f"optimizer.lr={lr}", f"model.fpn_channels={s['width']}",
         f"model.image_mean={FMNIST_MEAN}", f"model.image_std={FMNIST_STD}",
         f"model.pretrained={checkpoint}" if checkpoint else "model.pretrained=null",
         f"trainer.accelerator={s['accelerator']}", "trainer.enable_progress_bar=false",
@@ -373,7 +388,8 @@ def run_row(row: str, data: dict[str, Path], s: dict[str, Any], log, runner: Run
     lrs = s["lrs"] if len(s["lrs"]) > 1 else ()
     grid_jobs = {lr: runner.submit(fine_tune, row, checkpoints[0], lr, 0, "heldout", data, s) for lr in lrs}
     grid = {lr: job.result() for lr, job in grid_jobs.items()}
-    best_lr = max(grid, key=lambda lr: grid[lr]["val/AP"]) if grid else s["lrs"][0]
+    metric = TASK_METRICS[s.get("task", "detection")][0]
+    best_lr = max(grid, key=lambda lr: grid[lr][f"val/{metric}"]) if grid else s["lrs"][0]
     tune_seeds = range(s["seeds"] if pretrained else s["seeds"] * s["pretrain_seeds"])
     run_jobs = [
         [runner.submit(fine_tune, row, c, best_lr, seed, "val", data, s) for seed in tune_seeds] for c in checkpoints
@@ -388,15 +404,20 @@ def run_row(row: str, data: dict[str, Path], s: dict[str, Any], log, runner: Run
                 "pretrain_metrics": pretrained_run["metrics"] if pretrained_run else {},
                 **probes[index].result(),
                 # The grid ran on the first pretraining; its lr holds for the row.
-                "heldout_ap_by_lr": {f"{lr:g}": grid[lr]["val/AP"] for lr in grid} if index == 0 else {},
+                heldout_key(metric): {f"{lr:g}": grid[lr][f"val/{metric}"] for lr in grid} if index == 0 else {},
                 "lr": best_lr,
                 "grid_s": sum(g["seconds"] for g in grid.values()) if index == 0 else 0.0,
                 "runs": runs,
             }
         )
-        aps = ", ".join(f"{r['val/AP']:.2f}" for r in runs)
-        log(f"{row} (pretraining seed {seed}): lr {best_lr:g}, AP {aps}")
+        values = ", ".join(f"{r[f'val/{metric}']:.2f}" for r in runs)
+        log(f"{row} (pretraining seed {seed}): lr {best_lr:g}, {metric} {values}")
     return result
+
+
+def heldout_key(metric: str) -> str:
+    """Where a row keeps the held-out ``metric`` of each lr: ``heldout_ap_by_lr``, ``heldout_miou_by_lr``."""
+    return f"heldout_{metric.lower()}_by_lr"
 
 
 def groups(result: dict[str, Any], stat: str | Callable[[dict[str, Any]], float]) -> list[list[float]]:
@@ -476,11 +497,16 @@ def table(header: list[str], rows: list[list[str]], aligns: list[str] | None = N
 def protocol_text(results: dict[str, dict], s: dict[str, Any], name: str, spread: dict, ranges, minutes: float,
                   pixels: dict) -> list[str]:  # fmt: skip
     """The title and the paragraphs that say what produced the tables and how to read them."""
-    # The fine-tuning overrides beyond the frozen stages, which the text names on their own.
-    extra_finetune = [o for o in s["finetune_overrides"] if not o.startswith("model.frozen_stages=")]
-    c4 = s["arch"] in C4_ARCHITECTURES
+    semantic = s.get("task", "detection") == "semantic"
+    title = "semantic FPN R18 (segmentation)" if semantic else ARCH_NAMES[s["arch"]]
+    evaluated = (
+        "mIoU over the 11 classes (background included) and pixel accuracy."
+        if semantic
+        else f"Object scale sqrt(area): mean {spread['mean']:.1f} px, std {spread['std']:.1f} px; area thirds "
+        f"(APs3/APm3/APl3) split at {ranges[0][1]:.0f} and {ranges[1][1]:.0f} px²."
+    )
     return [
-        f"# Transfer benchmark ({name}): Fashion-MNIST canvases, {ARCH_NAMES[s['arch']]}",
+        f"# Transfer benchmark ({name}): Fashion-MNIST canvases, {title}",
         "",
         f"Produced by `{s['command']}` "
         f"on {machine()}: {run_minutes(results, pixels):.0f} min of pretraining, probing and fine-tuning in all "
@@ -489,6 +515,29 @@ def protocol_text(results: dict[str, dict], s: dict[str, Any], name: str, spread
         f"{s['pretrain_images']} Fashion-MNIST training images (ResNet-18, {s['image_size']} px, neck and tile head "
         f"{s['width']} channels; otherwise the library's CPU recipe: batch 64, LARS for MCL, SGD for supervised; "
         f"extra overrides: {list(s.get('pretrain_overrides', [])) or 'none'}). "
+        + (semantic_clause(s) if semantic else detection_clause(s))
+        + "SGD with "
+        + (
+            f"the lr picked per row from {list(s['lrs'])} by {TASK_METRICS[s.get('task', 'detection')][0]} on a "
+            f"held-out {s['heldout_fraction']:.0%} of the training canvases (seed 0), then "
+            if len(s["lrs"]) > 1
+            else f"lr {s['lrs'][0]:g} for every row, "
+        )
+        + f"{s['pretrain_seeds']} pretraining seeds per pretrained row, each fine-tuned with {s['seeds']} seeds at "
+        f"that lr (random init: {s['pretrain_seeds'] * s['seeds']} seeds, each its own initialisation) on all "
+        f"training canvases, evaluated on {s['val_canvases']} "
+        f"validation canvases (items of Fashion-MNIST's test split). {evaluated}",
+        "",
+        statistics_text(s, pixels, TASK_METRICS[s.get("task", "detection")][0]),
+    ]
+
+
+def detection_clause(s: dict[str, Any]) -> str:
+    """What the detector fine-tunes on and how its RoIs pool."""
+    # The fine-tuning overrides beyond the frozen stages, which the text names on their own.
+    extra_finetune = [o for o in s["finetune_overrides"] if not o.startswith("model.frozen_stages=")]
+    c4 = s["arch"] in C4_ARCHITECTURES
+    return (
         f"Fine-tuning {ARCH_NAMES[s['arch']]} (`model.arch={s['arch']}`): "
         f"{(FROZEN_C4 if c4 else FROZEN)[s['frozen_stages']]}; {s['finetune_epochs']} epochs, batch {s['batch_size']}, "
         f"on {s['train_canvases']} canvases of "
@@ -500,24 +549,31 @@ def protocol_text(results: dict[str, dict], s: dict[str, Any], name: str, spread
             else f"{ROI_LEVELS[s.get('roi_levels', 'torchvision')]}, "
         )
         + (f"extra overrides {extra_finetune}, " if extra_finetune else "")
-        + "SGD with "
-        + (
-            f"the lr picked per row from {list(s['lrs'])} by AP on a held-out {s['heldout_fraction']:.0%} of the "
-            "training canvases (seed 0), then "
-            if len(s["lrs"]) > 1
-            else f"lr {s['lrs'][0]:g} for every row, "
-        )
-        + f"{s['pretrain_seeds']} pretraining seeds per pretrained row, each fine-tuned with {s['seeds']} seeds at "
-        f"that lr (random init: {s['pretrain_seeds'] * s['seeds']} seeds, each its own initialisation) on all "
-        f"training canvases, evaluated on {s['val_canvases']} "
-        f"validation canvases (items of Fashion-MNIST's test split). Object scale sqrt(area): mean "
-        f"{spread['mean']:.1f} px, std {spread['std']:.1f} px; area thirds (APs3/APm3/APl3) split at "
-        f"{ranges[0][1]:.0f} and {ranges[1][1]:.0f} px².",
-        "",
-        "A row's AP is the mean over its pretraining seeds of each pretraining's mean over its fine-tuning seeds, "
-        "± the standard deviation of those per-pretraining means (random init: ± the std over its seeds); *AP per "
-        "pretraining* lists the per-pretraining means (random init: its seeds). *vs random init* is the gap of the "
-        "means with twice its nested standard error (per side, the std of the per-pretraining means over "
+    )
+
+
+def semantic_clause(s: dict[str, Any]) -> str:
+    """What the segmenter is and what it fine-tunes on."""
+    extra_finetune = [o for o in s["finetune_overrides"] if not o.startswith("model.frozen_stages=")]
+    frozen = FROZEN[s["frozen_stages"]].replace("FPN, RPN and box head trained", "FPN and head trained")
+    return (
+        f"Fine-tuning a semantic-FPN segmenter (`mcl-finetune task=semantic model.arch={SEMANTIC_ARCH}`: the "
+        f"pretrained ResNet and FPN, a head of {s['width']} channels fusing P2..P5 at stride 4, per-pixel "
+        "cross-entropy; labels: each object's visible mask as its category, background elsewhere): "
+        f"{frozen}; {s['finetune_epochs']} epochs, batch {s['batch_size']}, on {s['train_canvases']} canvases of "
+        f"{s['canvas']} px (items of Fashion-MNIST's training split), "
+        + (f"extra overrides {extra_finetune}, " if extra_finetune else "")
+    )
+
+
+def statistics_text(s: dict[str, Any], pixels: dict, metric: str) -> str:
+    """How a row's ``metric`` and its verdict are computed, and what the frozen probes are."""
+    return (
+        f"A row's {metric} is the mean over its pretraining seeds of each pretraining's mean over its fine-tuning "
+        "seeds, "
+        f"± the standard deviation of those per-pretraining means (random init: ± the std over its seeds); *{metric} "
+        "per pretraining* lists the per-pretraining means (random init: its seeds). *vs random init* is the gap of "
+        "the means with twice its nested standard error (per side, the std of the per-pretraining means over "
         "sqrt(pretraining seeds), which holds the pretraining spread; random init's: the std over its seeds over "
         "sqrt(seeds)), and a row is called better or worse only when the gap exceeds it, and only with 2 "
         "pretraining seeds or more. kNN, linear and object top-1 are means ± std over pretraining seeds. Pretrain "
@@ -530,8 +586,8 @@ def protocol_text(results: dict[str, dict], s: dict[str, Any], name: str, spread
         f"{pixels['linear_top1']:.1f}. *Objects*: linear top-1 on the validation canvases' objects from the frozen "
         "backbone (`mcl.detection.probe`), *in place* (C3-C5 pooled over each box of the whole canvas: what the "
         "detector starts from), *centred* (the box alone at the centre of an empty canvas, pooled C5) and *moved* "
-        "(alone at a random place).",
-    ]
+        "(alone at a random place)."
+    )
 
 
 def fine_tune_minutes(pretrainings: list[dict], s: dict[str, Any]) -> float:
@@ -543,25 +599,28 @@ def fine_tune_minutes(pretrainings: list[dict], s: dict[str, Any]) -> float:
 
 
 def main_table(results: dict[str, dict], s: dict[str, Any]) -> list[str]:
-    """One line per row: frozen probes, lr, AP with its seeds and its gap to random init, minutes."""
+    """One line per row: frozen probes, lr, the task's metric with its seeds and its gap to random init, its secondary
+    metrics, minutes."""
+    metric, secondary = TASK_METRICS[s.get("task", "detection")]
     masks = s["arch"] in MASK_ARCHITECTURES
     header = ["pretraining", "kNN top-1", "linear top-1", "objects in place", "objects centred", "objects moved"]
-    header += ["lr", "AP", "AP per pretraining", "AP50", "AP75", "vs random init"]
+    header += ["lr", metric, f"{metric} per pretraining", *(SECONDARY_NAMES[n] for n in secondary), "vs random init"]
     header += ["mask AP", "mask vs random init"] if masks else []
     header += ["pretrain min", "fine-tune min"]
-    aligns = ["---"] + ["---:"] * 10 + ["---"] + (["---:", "---"] if masks else []) + ["---:", "---:"]
+    aligns = ["---"] + ["---:"] * (8 + len(secondary)) + ["---"] + (["---:", "---"] if masks else []) + ["---:"] * 2
     lines = []
     for row, result in results.items():
         pretrainings = result["pretrainings"]
-        per_pretraining = groups(result, "AP") if len(pretrainings) > 1 else [[ap] for ap in groups(result, "AP")[0]]
+        row_groups = groups(result, metric)
+        per_pretraining = row_groups if len(pretrainings) > 1 else [[value] for value in row_groups[0]]
         objects = [
             frozen_cell(result, f"objects_{place}_top1") if f"objects_{place}_top1" in pretrainings[0] else "-"
             for place in PLACES
         ]
         cells = [row, frozen_cell(result, "knn_top1"), frozen_cell(result, "linear_top1"), *objects]
-        cells += [f"{pretrainings[0]['lr']:g}", pm(pooled(result, "AP"))]
+        cells += [f"{pretrainings[0]['lr']:g}", pm(pooled(result, metric))]
         cells += [" / ".join(f"{mean_std(group)[0]:.1f}" for group in per_pretraining)]
-        cells += [pm(pooled(result, "AP50")), pm(pooled(result, "AP75")), against_baseline(results, row, "AP")]
+        cells += [pm(pooled(result, name)) for name in secondary] + [against_baseline(results, row, metric)]
         cells += [pm(pooled(result, "mask_AP")), against_baseline(results, row, "mask_AP")] if masks else []
         pre = f"{mean_std([p['pretrain_s'] / 60 for p in pretrainings])[0]:.1f}" if row != BASELINE else "-"
         lines.append(cells + [pre, f"{fine_tune_minutes(pretrainings, s):.1f}"])
@@ -576,30 +635,39 @@ def scale_table(results: dict[str, dict]) -> list[str]:
     return lines + table(["pretraining", *scales], rows)
 
 
-def seed_table(results: dict[str, dict]) -> list[str]:
+def class_table(results: dict[str, dict]) -> list[str]:
+    """IoU of each class (``val/IoU/<class>``), means and spreads as mIoU's."""
+    first = results[BASELINE]["pretrainings"][0]["runs"][0]
+    classes = [name.removeprefix("val/IoU/") for name in first if name.startswith("val/IoU/")]
+    rows = [[row] + [pm(pooled(result, f"IoU/{name}")) for name in classes] for row, result in results.items()]
+    return ["By class: IoU, means and spreads as mIoU's:", "", *table(["pretraining", *classes], rows)]
+
+
+def seed_table(results: dict[str, dict], metric: str = "AP") -> list[str]:
     """Each pretraining seed of the rows with more than one (none when no row has)."""
     repeated = [(row, r) for row, r in results.items() if len(r["pretrainings"]) > 1]
     if not repeated:
         return []
-    header = ["pretraining", "seed", "kNN top-1", "linear top-1", "AP", "AP per fine-tuning seed", "pretrain min"]
+    header = ["pretraining", "seed", "kNN top-1", "linear top-1", metric, f"{metric} per fine-tuning seed"]
     rows = [
-        [row, str(p["seed"]), f"{p['knn_top1']:.1f}", f"{p['linear_top1']:.1f}", pm(mean_std(aps))]
-        + [" / ".join(f"{ap:.1f}" for ap in aps), f"{p['pretrain_s'] / 60:.1f}"]
+        [row, str(p["seed"]), f"{p['knn_top1']:.1f}", f"{p['linear_top1']:.1f}", pm(mean_std(values))]
+        + [" / ".join(f"{value:.1f}" for value in values), f"{p['pretrain_s'] / 60:.1f}"]
         for row, result in repeated
-        for p, aps in zip(result["pretrainings"], groups(result, "AP"), strict=True)
+        for p, values in zip(result["pretrainings"], groups(result, metric), strict=True)
     ]
-    return ["", "Each pretraining seed (AP: mean ± std over its fine-tuning seeds):", "", *table(header, rows)]
+    intro = f"Each pretraining seed ({metric}: mean ± std over its fine-tuning seeds):"
+    return ["", intro, "", *table([*header, "pretrain min"], rows)]
 
 
-def lr_table(results: dict[str, dict], lrs: list[float]) -> list[str]:
-    """Held-out AP per learning rate of the grid (none with one lr)."""
+def lr_table(results: dict[str, dict], lrs: list[float], metric: str = "AP") -> list[str]:
+    """Held-out ``metric`` per learning rate of the grid (none with one lr)."""
     if len(lrs) < 2:
         return []
     rows = [
-        [row] + [f"{result['pretrainings'][0]['heldout_ap_by_lr'][f'{lr:g}']:.1f}" for lr in lrs]
+        [row] + [f"{result['pretrainings'][0][heldout_key(metric)][f'{lr:g}']:.1f}" for lr in lrs]
         for row, result in results.items()
     ]
-    intro = "Held-out AP (the first pretraining, fine-tuning seed 0) for each learning rate of the grid:"
+    intro = f"Held-out {metric} (the first pretraining, fine-tuning seed 0) for each learning rate of the grid:"
     return ["", intro, "", *table(["pretraining"] + [f"lr {lr:g}" for lr in lrs], rows)]
 
 
@@ -627,10 +695,12 @@ def weights_table(results: dict[str, dict], c4: bool) -> list[str]:
 def markdown(
     results: dict[str, dict], s: dict[str, Any], name: str, spread: dict, ranges, minutes: float, pixels: dict
 ) -> str:
-    """``transfer.md``: what produced it, the main table, then AP by object size, by pretraining seed, by lr of the
-    grid, and the weights' norms."""
+    """``transfer.md``: what produced it, the main table, then the metric by object size (detection) or by class
+    (segmentation), by pretraining seed, by lr of the grid, and the weights' norms."""
+    metric = TASK_METRICS[s.get("task", "detection")][0]
     lines = protocol_text(results, s, name, spread, ranges, minutes, pixels) + ["", *main_table(results, s), ""]
-    lines += scale_table(results) + seed_table(results) + lr_table(results, list(s["lrs"]))
+    lines += class_table(results) if s.get("task") == "semantic" else scale_table(results)
+    lines += seed_table(results, metric) + lr_table(results, list(s["lrs"]), metric)
     lines += weights_table(results, s["arch"] in C4_ARCHITECTURES)
     return "\n".join(lines) + "\n"
 
@@ -792,6 +862,10 @@ def main(argv: list[str] | None = None) -> None:
         "--arch", choices=ARCHITECTURES, default=DEFAULT_ARCH,
         help="the detector every row fine-tunes (mcl-finetune's model.arch; default: Faster R-CNN R18-FPN v2)",
     )  # fmt: skip
+    parser.add_argument(
+        "--task", choices=tuple(TASK_METRICS), default="detection",
+        help="what every row fine-tunes for: detection (--arch) or semantic segmentation (a semantic-FPN segmenter)",
+    )  # fmt: skip
     parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs instead of the settings'")
     parser.add_argument(
         "--pretrain-override", action="append", default=[], metavar="KEY=VALUE",
@@ -850,7 +924,11 @@ def main(argv: list[str] | None = None) -> None:
         s["finetune_epochs"] = args.finetune_epochs
     if args.pretrain_override:
         s["pretrain_overrides"] = (*s.get("pretrain_overrides", ()), *args.pretrain_override)
-    s["arch"] = args.arch
+    semantic = args.task == "semantic"
+    if semantic and (args.arch != DEFAULT_ARCH or args.roi_levels != "torchvision"):
+        parser.error("--arch and --roi-levels choose the detector: --task semantic fine-tunes a semantic-FPN segmenter")
+    s["task"] = args.task
+    s["arch"] = SEMANTIC_ARCH if semantic else args.arch
     if args.frozen_stages is not None:
         s["frozen_stages"] = args.frozen_stages
     elif args.arch in C4_ARCHITECTURES and s["frozen_stages"] == 5:
@@ -901,7 +979,9 @@ def main(argv: list[str] | None = None) -> None:
     minutes = (time.perf_counter() - started) / 60
     if args.tag:
         name = args.tag
-    table = markdown(results, s, name, spread, first_run["area_ranges"], minutes, pixels)
+    elif semantic:
+        name = "semantic" if name == "default" else f"{name}_semantic"
+    table = markdown(results, s, name, spread, first_run.get("area_ranges"), minutes, pixels)
     suffix = "" if name == "default" else f"_{name}"
     results_dir = args.results
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -910,6 +990,10 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"settings": settings, "minutes": minutes, "run_minutes": run_minutes(results, pixels)}
     summary.update({"spread": spread, "pixel_probe": pixels, "rows": results})
     (results_dir / f"transfer{suffix}.json").write_text(json.dumps(summary, indent=1, default=str))
+    if semantic:  # the claims and the AP-by-IoU curves are detection's
+        print(table)
+        log("done")
+        return
     (results_dir / f"claims{suffix}.md").write_text(claims(results, s, name, load_cost(args.cost)))
     curves = {
         row: [{float(t): ap for t, ap in run["ap_by_iou"].items()} for p in r["pretrainings"] for run in p["runs"]]
