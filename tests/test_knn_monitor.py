@@ -49,3 +49,24 @@ def test_the_bank_loader_is_configurable():
     monitor.on_validation_batch_end(None, None, features, (None, labels), 0, dataloader_idx=1)
     monitor.on_validation_batch_end(None, None, features, (None, labels), 0, dataloader_idx=0)
     assert monitor.metric.compute().item() == 100.0
+
+
+def test_the_bank_is_kept_for_the_feature_map_only_when_asked(monkeypatch):
+    """With ``keep_bank`` the epoch's end keeps the bank's normalised features and labels (the pictures' feature
+    map reads them); without it nothing is kept, and the next validation forgets what was."""
+    model = small_mcl(knn_k=5).eval()
+    monitor = model.knn_monitor
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+    generator = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(6, 3, 64, 64, generator=generator), torch.arange(6) % 2
+    batches = [(bank, labels, 0), (bank[:2], labels[:2], 1)]
+    with torch.no_grad():
+        run_validation(monitor, model, batches)
+        assert monitor.kept_bank is None
+        monitor.keep_bank = True
+        run_validation(monitor, model, batches)
+        features, kept_labels = monitor.kept_bank
+        expected = torch.nn.functional.normalize(model.pooled_features(bank), dim=1)
+    assert torch.allclose(features, expected, atol=1e-6) and torch.equal(kept_labels, labels)
+    monitor.on_validation_epoch_start(None, model)
+    assert monitor.kept_bank is None

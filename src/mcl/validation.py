@@ -124,6 +124,9 @@ RULES: dict[str, tuple[Range, str]] = {
     "loss.level_weights": (Range(low=0, named=True), "a level's loss weight"),
     "loss.label_smoothing": (Range(low=0, high=1, high_included=False), "the label smoothing"),
     "callbacks.last.every_n_train_steps": (Range(low=1, integer=True, nullable=True), "steps between last.ckpt"),
+    "callbacks.pictures.max_images": (AT_LEAST_ONE, "the batch images in views.png"),
+    "callbacks.pictures.max_montages": (AT_LEAST_ONE, "the montages per side of a level's picture"),
+    "callbacks.pictures.feature_points": (AT_LEAST_ONE, "the bank features in the feature map"),
 }
 
 
