@@ -62,7 +62,9 @@ def run(tmp_path: Path, name: str, *overrides: str) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["mcl", "supervised"])
 def test_the_first_batch_gives_views_and_montages_of_every_level_at_their_grid_sizes(tmp_path, method):
+    """... and with ``logger=tensorboard`` (the MCL run) the loss and the same pictures land in its event files."""
     extra = ["method=supervised", "method.num_classes=4"] if method == "supervised" else []
+    extra += ["logger=tensorboard", "trainer.log_every_n_steps=1"] if method == "mcl" else []
     limits = ["callbacks.pictures.max_images=3", "callbacks.pictures.max_montages=2"]
     folder = run(tmp_path, method, *SHORT, *extra, *limits)
     pictures = folder / "pictures"
@@ -73,12 +75,10 @@ def test_the_first_batch_gives_views_and_montages_of_every_level_at_their_grid_s
     for level, shown in enumerate([2, 2, 1]):
         side = framed(64, level)
         assert size(pictures / f"montages_level{level}.png") == grid_size(shown, sides, side, side)
-    assert sorted(p.name for p in pictures.iterdir()) == [
-        "montages_level0.png",
-        "montages_level1.png",
-        "montages_level2.png",
-        "views.png",
-    ]
+    names = ["montages_level0", "montages_level1", "montages_level2", "views"]
+    assert sorted(p.name for p in pictures.iterdir()) == [f"{name}.png" for name in names]
+    if method == "mcl":
+        assert_tensorboard_holds_the_loss_and_the_pictures(folder, names)
 
 
 def first_batch(model, views):
@@ -139,15 +139,15 @@ def test_the_feature_map_leaves_the_global_generator_alone_and_is_reproducible()
 
 @pytest.mark.slow
 def test_pictures_on_or_off_train_the_same_weights_and_maps_follow_each_validation(tmp_path):
-    """Pictures drawn on the first batch and a feature map at every validation (before training and between the
-    two epochs) change nothing that is trained: the final weights, the EMA target included, are bit-identical."""
-    base = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "trainer.max_epochs=2"]
+    """Pictures drawn on the first batch and a feature map at every validation (before training and after each
+    epoch) change nothing that is trained: the final weights, the EMA target included, are bit-identical."""
+    base = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "trainer.max_epochs=1"]
     base += ["~callbacks.checkpoint", "batch_size=8", "levels=2", "image_size=32"]
     on = run(tmp_path, "on", *base, "callbacks.pictures.feature_map=true")
     off = run(tmp_path, "off", *base, "~callbacks.pictures")
     names = sorted(p.name for p in (on / "pictures").iterdir())
-    assert [n for n in names if n.startswith("features")] == [f"features_epoch00{i}.png" for i in range(3)]
-    assert all(size(on / "pictures" / n) == (FEATURE_MAP_PIXELS, FEATURE_MAP_PIXELS) for n in names[:3])
+    assert [n for n in names if n.startswith("features")] == [f"features_epoch00{i}.png" for i in range(2)]
+    assert all(size(on / "pictures" / n) == (FEATURE_MAP_PIXELS, FEATURE_MAP_PIXELS) for n in names[:2])
     assert not (off / "pictures").exists()
     weights_on = torch.load(on / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     weights_off = torch.load(off / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -217,14 +217,13 @@ def events(folder: Path) -> list:
     return found
 
 
-@pytest.mark.slow
-def test_tensorboard_logs_the_loss_and_the_pictures(tmp_path):
-    folder = run(tmp_path, "tb", *SHORT, "logger=tensorboard", "trainer.log_every_n_steps=1", "levels=2")
+def assert_tensorboard_holds_the_loss_and_the_pictures(folder: Path, pictures: list[str]) -> None:
+    """One ``train/loss`` in the run's TensorBoard events, and each picture there pixel-equal to its PNG."""
     values = [(event.step, value) for event in events(folder / "tb") for value in event.summary.value]
     losses = [value.simple_value for _, value in values if value.tag == "train/loss"]
     assert len(losses) == 1 and np.isfinite(losses[0])
     images = {value.tag: value.image for _, value in values if value.HasField("image")}
-    assert sorted(images) == ["pictures/montages_level0", "pictures/montages_level1", "pictures/views"]
+    assert sorted(images) == [f"pictures/{name}" for name in pictures]
     for tag, image in images.items():
         logged = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
         saved = np.asarray(Image.open(folder / "pictures" / f"{tag.split('/')[1]}.png"))
