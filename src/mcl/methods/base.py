@@ -23,6 +23,7 @@ from mcl.methods.loading import load_method
 from mcl.montage import DOWNSCALE_MODES, assemble_levels, check_levels
 from mcl.montage import montage_counts as count_montages
 from mcl.montage_streams import MontageStream
+from mcl.online_probe import OPTIMIZER_STATE, PREFIX, PROBE_NAME, LevelZeroFeatures, OnlineProbe, probe_classes
 from mcl.optimization import OptimizerFactory, OptimizerSetup, SchedulerFactory
 from mcl.pyramid import build_neck
 from mcl.resume import ConfiguredOptimizerOnResume
@@ -46,6 +47,12 @@ class MultiLevelModule(pl.LightningModule):
     (:func:`~mcl.cells.all_map_cells`), as the released code does, instead of only the map each level reads
     (:func:`~mcl.cells.level_cells`): the same cells, other BatchNorm statistics and cost (docs/parity.md).
     ``channels_last`` and ``compile`` (:meth:`compile_networks` in ``setup("fit")``) change no value, key or file.
+
+    ``online_probe``: train a linear classifier on the online backbone's detached pooled C5 during pretraining, on the
+    labelled training batches, with its own SGD (``online_probe_lr``, ``online_probe_momentum``,
+    ``online_probe_weight_decay``); ``train/online_top1``, ``train/online_loss`` and ``val/online_top1``
+    (:mod:`mcl.online_probe`). It is built in ``setup("fit")`` for the datamodule's ``num_classes`` (data without
+    labels is refused) and is no part of the model's optimiser or gradients; off, nothing changes.
     """
 
     # The loss a subclass builds for its levels when it is given none.
@@ -77,6 +84,10 @@ class MultiLevelModule(pl.LightningModule):
         compile_mode: str = "default",
         compile_backend: str = "inductor",
         all_pyramid_maps: bool = False,
+        online_probe: bool = False,
+        online_probe_lr: float = 0.1,
+        online_probe_momentum: float = 0.9,
+        online_probe_weight_decay: float = 0.0,
     ):
         super().__init__()
         self.levels = check_levels(levels)
@@ -96,6 +107,13 @@ class MultiLevelModule(pl.LightningModule):
         self.montage_stream = MontageStream(seed)
         self.compile_on_fit = compile
         self.compile_settings = (check_compile_settings(compile_mode, compile_backend), compile_backend)
+        # The online probe's SGD settings (None: no probe); the probe itself is built in setup("fit").
+        self.probe_settings = (
+            {"lr": online_probe_lr, "momentum": online_probe_momentum, "weight_decay": online_probe_weight_decay}
+            if online_probe
+            else None
+        )
+        self.online_probe: OnlineProbe | None = None
 
         self.backbone = Backbone(**backbone, image_size=image_size, channels_last=channels_last)
         neck = dict(neck)
@@ -146,9 +164,46 @@ class MultiLevelModule(pl.LightningModule):
         compile_in_place(self.compiled_modules(), *self.compile_settings)
 
     def setup(self, stage: str) -> None:
-        """With ``compile``, compile the networks before fitting (not for ``validate`` or ``test`` alone)."""
+        """With ``online_probe``, build the probe for the datamodule's classes before fitting; with ``compile``,
+        compile the networks (neither for ``validate`` or ``test`` alone)."""
+        if stage == "fit" and self.probe_settings is not None and self.online_probe is None:
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            self.attach_probe(probe_classes(datamodule))
         if stage == "fit" and self.compile_on_fit:
             self.compile_networks()
+
+    # ------------------------------------------------------------ online probe
+    def attach_probe(self, num_classes: int) -> None:
+        """Build the online probe for ``num_classes`` classes, on the model's device. DDP leaves its parameters out
+        (they get no gradient from the loss; :meth:`OnlineProbe.step` averages theirs over the ranks)."""
+        probe = OnlineProbe(self.backbone.channels[-1], num_classes, **self.probe_settings)
+        self.online_probe = probe.to(self.device)
+        names = [f"{PREFIX}{name}" for name, _ in probe.named_parameters()]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+
+    def level_zero_features(self) -> LevelZeroFeatures | None:
+        """What a training step's online pass fills for the probe; ``None`` without one (nothing is taken)."""
+        return LevelZeroFeatures() if self.online_probe is not None else None
+
+    def train_probe(self, level_zero: LevelZeroFeatures | None, labels: torch.Tensor) -> None:
+        """One step of the probe on the step's level-0 features and their labels; logs ``train/online_loss`` and
+        ``train/online_top1`` (%, the batch's)."""
+        if level_zero is None or self.online_probe is None:
+            return
+        loss, top1 = self.online_probe.step(*level_zero.batch(labels))
+        self.log("train/online_loss", loss)
+        self.log("train/online_top1", top1)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.online_probe is not None:
+            self.online_probe.val_top1.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/online_top1`` (%) over the validation split; the metric's states are summed over the ranks."""
+        probe = self.online_probe
+        if probe is not None and probe.val_top1.update_called:
+            self.log("val/online_top1", probe.val_top1.compute() * 100.0, sync_dist=True)
+            probe.val_top1.reset()
 
     # -------------------------------------------------------------- validation
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -156,12 +211,17 @@ class MultiLevelModule(pl.LightningModule):
         return self.backbone.forward_pooled(images)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
-        """The batch's pooled features, which the kNN monitor collects (:class:`~mcl.knn_monitor.KNNMonitor`)."""
-        return self.pooled_features(batch[0])
+        """The batch's pooled features, which the kNN monitor collects (:class:`~mcl.knn_monitor.KNNMonitor`); the
+        online probe scores those of the validation split."""
+        features = self.pooled_features(batch[0])
+        if self.online_probe is not None and dataloader_idx == VAL_LOADER:
+            self.online_probe.val_top1.update(self.online_probe.logits(features), batch[1])
+        return features
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, Any]:
-        return self.optimizer_setup.configure(self, self.trainer)
+        """The model's optimiser and schedule; the online probe's parameters are not in it (it has its own)."""
+        return self.optimizer_setup.configure(self, self.trainer, exclude=(PROBE_NAME,))
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [self.knn_monitor, self.divergence_guard, ConfiguredOptimizerOnResume(self.optimizer_setup)]
@@ -185,10 +245,41 @@ class MultiLevelModule(pl.LightningModule):
     # --------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.montage_stream.save(checkpoint, self.device)  # every rank runs this hook (a gather), rank 0 writes
+        if self.online_probe is not None:
+            checkpoint[OPTIMIZER_STATE] = self.online_probe.optimizer_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.montage_stream.hold(checkpoint)
         self.divergence_guard.restore(checkpoint)
+        self.load_probe(checkpoint)
+
+    def load_probe(self, checkpoint: dict[str, Any]) -> None:
+        """Match the checkpoint's online probe to this model's before its state dict is loaded: a probe the model
+        does not have (``online_probe=false``) is left out; a model with a probe the checkpoint lacks keeps its own
+        fresh one (so the probe can be turned on or off on resume); a model loaded outside ``fit`` builds its probe
+        from the checkpoint's weights. The probe's optimiser state is held for its next step."""
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        saved = {key: value for key, value in state.items() if key.startswith(PREFIX)}
+        if self.probe_settings is None:
+            for key in saved:
+                del state[key]
+            return
+        weight = saved.get(f"{PREFIX}classifier.weight")
+        if self.online_probe is None and weight is not None:
+            self.attach_probe(weight.shape[0])
+        if self.online_probe is None:
+            return
+        if weight is None:
+            state.update({f"{PREFIX}{key}": value for key, value in self.online_probe.state_dict().items()})
+            return
+        if weight.shape[0] != self.online_probe.num_classes:
+            raise ValueError(
+                f"the checkpoint's online probe has {weight.shape[0]} classes, the training data "
+                f"{self.online_probe.num_classes}: resume on the same data, or with method.online_probe=false"
+            )
+        self.online_probe.hold_optimizer_state(checkpoint.get(OPTIMIZER_STATE))
 
     def on_fit_start(self) -> None:
         self.montage_stream.resume(self.generator.device)
