@@ -193,3 +193,18 @@ def test_compiled_ddp_training_through_the_cli(tmp_path):
     the same, but no C++ code is generated (minutes on 2 cores)."""
     for saved in train_two_ranks(tmp_path, "method.compile=true", "method.compile_backend=aot_eager"):
         assert saved["graph_breaks"] == 0 and saved["graphs"] >= 9  # 9 compiled modules, one graph each at least
+
+
+@pytest.mark.slow
+def test_compiled_ddp_training_with_the_online_probe(tmp_path):
+    """method.online_probe=true under DDP (and compile): DDP leaves the probe's parameters out and the probe averages
+    their gradients itself, so the ranks end with the same probe (checked with every weight by train_two_ranks); the
+    probe is outside the compiled modules, which still trace without a graph break."""
+    ranks = train_two_ranks(
+        tmp_path, "method.online_probe=true", "method.compile=true", "method.compile_backend=aot_eager"
+    )
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"]["online_probe.classifier.weight"].abs().sum() > 0
+    assert checkpoint["online_probe_optimizer"]["state"]
+    for saved in ranks:
+        assert saved["graph_breaks"] == 0
