@@ -186,10 +186,16 @@ def test_ddp_training_through_the_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_ddp_training_through_the_cli(tmp_path):
+def test_compiled_ddp_training_with_the_online_probe_through_the_cli(tmp_path):
     """method.compile=true under DDP with synchronised BatchNorm: the compiled networks (backbones, heads,
     projectors, predictors) trace without a graph break, and the ranks end with the same state. The backend is
     aot_eager: dynamo traces and AOT autograd builds the backward graphs as with inductor, and the graph breaks are
-    the same, but no C++ code is generated (minutes on 2 cores)."""
-    for saved in train_two_ranks(tmp_path, "method.compile=true", "method.compile_backend=aot_eager"):
+    the same, but no C++ code is generated (minutes on 2 cores). The online probe rides along: DDP leaves its
+    parameters out and it averages their gradients itself, so the ranks end with the same probe too (every weight is
+    compared by train_two_ranks); it is outside the compiled modules."""
+    overrides = ("method.compile=true", "method.compile_backend=aot_eager", "method.online_probe=true")
+    for saved in train_two_ranks(tmp_path, *overrides):
         assert saved["graph_breaks"] == 0 and saved["graphs"] >= 9  # 9 compiled modules, one graph each at least
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"]["online_probe.classifier.weight"].abs().sum() > 0
+    assert checkpoint["online_probe_optimizer"]["state"]

@@ -93,3 +93,11 @@ def test_the_periodic_reads_come_every_n_steps_and_only_then():
     # Iterations ending at global steps 2, 3, 4. The guard is read when step 2 has ended, after this count's callback
     # closed that iteration, and the bar's copy is taken in the step that runs at global step 2.
     assert per_step == [{}, {"tolist": 1, "_to_copy": 1}, {}]
+
+
+@pytest.mark.parametrize("method", ["mcl", "supervised"])
+def test_the_online_probe_adds_no_host_sync(method):
+    """The probe's step (features taken from the online pass, its own backward and SGD step, the batch's top-1 by
+    torchmetrics without argument checks) and its logs make the host wait for nothing."""
+    per_step = count_per_step(f"method={method}", "method.online_probe=true")
+    assert all(sum(ops.values()) == LIMITS[method, "cpu"] for ops in per_step), per_step

@@ -20,6 +20,11 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def pool(c5: torch.Tensor) -> torch.Tensor:
+    """Global average pooling of ``(B, C, H, W)`` maps to ``(B, C)``: :meth:`Backbone.forward_pooled`'s pooling."""
+    return c5.mean(dim=(2, 3))
+
+
 class Backbone(nn.Module):
     """A timm model in ``features_only`` mode returning ``[C2, C3, C4, C5]``, each ``(B, C_k, H/s_k, W/s_k)``.
 
@@ -79,4 +84,4 @@ class Backbone(nn.Module):
 
     def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
         """Globally average-pooled C5, ``(B, C5)``: the feature the kNN monitor and linear probe use."""
-        return self(images)[-1].mean(dim=(2, 3))
+        return pool(self(images)[-1])

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mcl.backbones import Backbone
+from mcl.backbones import Backbone, pool
 from mcl.geometry import cell_count, grid_side
 from mcl.heads import TileHead, split_tiles
 
@@ -21,6 +21,7 @@ def level_cells(
     head: TileHead,
     embedded_levels: int | None = None,
     head_per_level: bool = True,
+    pooled: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Embed every cell of montages grouped by level, with one backbone pass over all of them.
 
@@ -31,11 +32,13 @@ def level_cells(
             statistics (the released code's target network sees the montages but keeps only level 0). All by default.
         head_per_level: one head call per level (BatchNorm statistics per level, as the released code's head runs
             per pyramid level) or one call over the tiles of all levels.
+        pooled: a list that receives the pooled C5 of the level-0 images, detached (:func:`take_level_zero`).
 
     Returns:
         Per embedded level, ``(M_i * 4**i, head channels)`` cell features in ``sources.flatten()`` order.
     """
     features = backbone(torch.cat(list(images)))
+    take_level_zero(features, len(images[0]), pooled)
     counts = [len(level_images) for level_images in images[:embedded_levels]]
     maps = neck.forward_levels([f[: sum(counts)] for f in features], counts)
     tiles = [split_tiles(level_map, grid_side(level)) for level, level_map in enumerate(maps)]
@@ -44,14 +47,27 @@ def level_cells(
     return list(head(torch.cat(tiles)).split([len(t) for t in tiles]))
 
 
+def take_level_zero(features: Sequence[torch.Tensor], count: int, pooled: list[torch.Tensor] | None) -> None:
+    """Append to ``pooled`` (unless ``None``) the pooled C5 of the first ``count`` images of a backbone pass (the
+    level-0 images: the images are ordered by level), detached: the online linear probe's input
+    (:mod:`mcl.online_probe`), taken from the pass the loss needs rather than from another one."""
+    if pooled is not None:
+        pooled.append(pool(features[-1][:count].detach()))
+
+
 def all_map_cells(
-    images: Sequence[torch.Tensor], backbone: Backbone, neck: nn.Module, head: TileHead
+    images: Sequence[torch.Tensor],
+    backbone: Backbone,
+    neck: nn.Module,
+    head: TileHead,
+    pooled: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Embed every tile of every pyramid map of every image, as the released code does (``all_pyramid_maps``).
 
     Args:
         images: per level ``i = 0, 1, ...``, ``(M_i, C, H, W)`` montages (level 0: plain views); all share ``H x W``.
             One backbone pass over all ``N = sum(M_i)`` of them.
+        pooled: as :func:`level_cells` takes it.
 
     Returns:
         Per level ``i``, ``(N * 4**i, head channels)``: the head features of level ``i``'s map (``P(5-i)`` with the
@@ -61,7 +77,9 @@ def all_map_cells(
         its tiles, the finest map first (the released head's order, which fixes how its running statistics are
         updated). :func:`own_cells` keeps the cells the loss reads.
     """
-    maps = neck.forward_all(backbone(torch.cat(list(images))), len(images))
+    features = backbone(torch.cat(list(images)))
+    take_level_zero(features, len(images[0]), pooled)
+    maps = neck.forward_all(features, len(images))
     cells: dict[int, torch.Tensor] = {}
     for level in reversed(range(len(maps))):
         cells[level] = head(split_tiles(maps[level], grid_side(level)))

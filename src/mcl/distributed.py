@@ -25,3 +25,16 @@ def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+@torch.no_grad()
+def average_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over all ranks, in place, with one ``all_reduce`` (no host sync); nothing in a
+    single process."""
+    if world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([tensor.flatten() for tensor in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for tensor, mean in zip(tensors, flat.split([tensor.numel() for tensor in tensors]), strict=True):
+        tensor.copy_(mean.view_as(tensor))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from timm.optim import Lars as TimmLars
@@ -31,15 +32,18 @@ def excluded_from_decay(name: str, parameter: torch.Tensor, rule: str = "ndim") 
     raise ValueError(f"no_decay_rule={rule!r} is invalid: use one of {NO_DECAY_RULES}")
 
 
-def parameter_groups(module: nn.Module, weight_decay: float, rule: str = "ndim") -> list[dict]:
+def parameter_groups(
+    module: nn.Module, weight_decay: float, rule: str = "ndim", exclude: Sequence[str] = ()
+) -> list[dict]:
     """Two groups: weights with ``weight_decay``, and the parameters :func:`excluded_from_decay` picks, without.
 
     With :class:`Lars` a group whose weight decay is 0 also skips the trust-ratio adaptation, as the released code
-    does for the parameters it excludes.
+    does for the parameters it excludes. ``exclude``: child modules whose parameters are in neither group (the online
+    probe, which has an optimiser of its own).
     """
     decay, no_decay = [], []
     for name, parameter in module.named_parameters():
-        if parameter.requires_grad:
+        if parameter.requires_grad and name.split(".", 1)[0] not in exclude:
             (no_decay if excluded_from_decay(name, parameter, rule) else decay).append(parameter)
     return [
         {"params": decay, "weight_decay": weight_decay, "group": "decay"},

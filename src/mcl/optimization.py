@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -48,9 +48,10 @@ class OptimizerSetup:
         self.no_decay_rule = no_decay_rule
         self.configured_groups: list[dict[str, Any]] = []
 
-    def configure(self, model: nn.Module, trainer: Any) -> dict[str, Any]:
+    def configure(self, model: nn.Module, trainer: Any, exclude: Sequence[str] = ()) -> dict[str, Any]:
         """The optimiser over ``model``'s parameter groups at the lr scaled to ``trainer``'s global batch, and the
-        schedule stepped every optimiser step over ``trainer.estimated_stepping_batches``, as Lightning takes them."""
+        schedule stepped every optimiser step over ``trainer.estimated_stepping_batches``, as Lightning takes them.
+        ``exclude``: child modules of ``model`` left out of the optimiser (:func:`~mcl.optim.parameter_groups`)."""
         if self.optimizer_factory is None:
             raise ValueError("optimizer is not set: pass a partial optimizer (e.g. the optimizer config group)")
         base_lr = self.optimizer_factory.keywords.get("lr")
@@ -58,7 +59,7 @@ class OptimizerSetup:
         if base_lr is None:
             raise ValueError("optimizer.lr is not set")
         lr = scaled_lr(base_lr, global_batch_size(trainer), self.lr_reference_batch)
-        optimizer = self.optimizer_factory(parameter_groups(model, weight_decay, self.no_decay_rule), lr=lr)
+        optimizer = self.optimizer_factory(parameter_groups(model, weight_decay, self.no_decay_rule, exclude), lr=lr)
         total_steps = max(1, int(trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
         schedule = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)

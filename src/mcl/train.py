@@ -20,6 +20,7 @@ from mcl.checkpoints import LAST, check_checkpoint_kind, check_current_layout, l
 from mcl.cluster import check_world_size
 from mcl.interrupts import Interruptions
 from mcl.methods.base import PROGRESS_BAR_LOSS
+from mcl.online_probe import probe_classes
 from mcl.runs import (
     STATE_FILE,
     RunLock,
@@ -186,6 +187,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: pl.LightningModule = hydra.utils.instantiate(cfg.method, _convert_="all")
     check_validation_settings(cfg, datamodule)
+    if cfg.method.get("online_probe"):
+        probe_classes(datamodule)  # unlabelled data is refused now, before the run folder changes
     lock = RunLock(output_dir) if rank_zero_only.rank == 0 else None
     with Interruptions() as interruptions:
         if lock is not None:

@@ -23,6 +23,7 @@ from mcl.methods.loading import load_method
 from mcl.montage import DOWNSCALE_MODES, assemble_levels, check_levels
 from mcl.montage import montage_counts as count_montages
 from mcl.montage_streams import MontageStream
+from mcl.online_probe import PROBE_NAME, OnlineProbe, OnlineProbeCallback, match_checkpoint, probe_settings
 from mcl.optimization import OptimizerFactory, OptimizerSetup, SchedulerFactory
 from mcl.pyramid import build_neck
 from mcl.resume import ConfiguredOptimizerOnResume
@@ -46,6 +47,8 @@ class MultiLevelModule(pl.LightningModule):
     (:func:`~mcl.cells.all_map_cells`), as the released code does, instead of only the map each level reads
     (:func:`~mcl.cells.level_cells`): the same cells, other BatchNorm statistics and cost (docs/parity.md).
     ``channels_last`` and ``compile`` (:meth:`compile_networks` in ``setup("fit")``) change no value, key or file.
+    ``online_probe``: a linear classifier on the detached pooled C5, with its own SGD (``online_probe_*``), trained
+    on the labelled batches (:mod:`mcl.online_probe`; no part of the model's optimiser or gradients).
     """
 
     # The loss a subclass builds for its levels when it is given none.
@@ -77,6 +80,10 @@ class MultiLevelModule(pl.LightningModule):
         compile_mode: str = "default",
         compile_backend: str = "inductor",
         all_pyramid_maps: bool = False,
+        online_probe: bool = False,
+        online_probe_lr: float = 0.1,
+        online_probe_momentum: float = 0.9,
+        online_probe_weight_decay: float = 0.0,
     ):
         super().__init__()
         self.levels = check_levels(levels)
@@ -96,6 +103,10 @@ class MultiLevelModule(pl.LightningModule):
         self.montage_stream = MontageStream(seed)
         self.compile_on_fit = compile
         self.compile_settings = (check_compile_settings(compile_mode, compile_backend), compile_backend)
+        self.probe_settings = probe_settings(
+            online_probe, online_probe_lr, online_probe_momentum, online_probe_weight_decay
+        )
+        self.online_probe: OnlineProbe | None = None  # built at fit time (OnlineProbeCallback.setup)
 
         self.backbone = Backbone(**backbone, image_size=image_size, channels_last=channels_last)
         neck = dict(neck)
@@ -156,15 +167,17 @@ class MultiLevelModule(pl.LightningModule):
         return self.backbone.forward_pooled(images)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
-        """The batch's pooled features, which the kNN monitor collects (:class:`~mcl.knn_monitor.KNNMonitor`)."""
+        """The batch's pooled features, which the kNN monitor (and the online probe) collect."""
         return self.pooled_features(batch[0])
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, Any]:
-        return self.optimizer_setup.configure(self, self.trainer)
+        """The model's optimiser and schedule; the online probe's parameters are not in it (it has its own)."""
+        return self.optimizer_setup.configure(self, self.trainer, exclude=(PROBE_NAME,))
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [self.knn_monitor, self.divergence_guard, ConfiguredOptimizerOnResume(self.optimizer_setup)]
+        probe = [OnlineProbeCallback(self.probe_settings)] if self.probe_settings is not None else []
+        return [self.knn_monitor, self.divergence_guard, ConfiguredOptimizerOnResume(self.optimizer_setup), *probe]
 
     def update_target(self, momentum: float) -> None:
         """What follows each optimiser step: a method with a momentum target moves it towards the online network
@@ -189,6 +202,7 @@ class MultiLevelModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.montage_stream.hold(checkpoint)
         self.divergence_guard.restore(checkpoint)
+        match_checkpoint(self, self.probe_settings, checkpoint)  # before the state dict loads
 
     def on_fit_start(self) -> None:
         self.montage_stream.resume(self.generator.device)

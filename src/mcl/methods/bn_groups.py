@@ -26,18 +26,24 @@ class PerSide:
     montages_in_target_batch: ClassVar[bool] = True
 
     def embed(
-        self, network: Network, images: list[list[torch.Tensor]], embedded_levels: int | None = None
+        self,
+        network: Network,
+        images: list[list[torch.Tensor]],
+        embedded_levels: int | None = None,
+        pooled: list[torch.Tensor] | None = None,
     ) -> BySideLevel:
         """Projector embeddings of every cell, keyed by ``(side, level)``.
 
         Args:
             images: ``images[side][level]`` ``(M, C, H, W)``: montages, or plain views at level 0.
             embedded_levels: see :func:`~mcl.cells.level_cells`.
+            pooled: receives the detached pooled C5 of the level-0 images, side 0's then side 1's (every grouping
+                appends them in this order), for the online probe (:mod:`mcl.online_probe`).
         """
         return {
             (side, level): network.projector(cells)
             for side, side_images in zip(SIDES, images, strict=True)
-            for level, cells in enumerate(level_cells(side_images, *network.trunk, embedded_levels))
+            for level, cells in enumerate(level_cells(side_images, *network.trunk, embedded_levels, pooled=pooled))
         }
 
     def predict(self, predictors: nn.ModuleList, embeddings: BySideLevel) -> BySideLevel:
@@ -63,11 +69,15 @@ class PerSideAllMaps(PerSide):
     """
 
     def embed(
-        self, network: Network, images: list[list[torch.Tensor]], embedded_levels: int | None = None
+        self,
+        network: Network,
+        images: list[list[torch.Tensor]],
+        embedded_levels: int | None = None,
+        pooled: list[torch.Tensor] | None = None,
     ) -> BySideLevel:
         out: BySideLevel = {}
         for side, side_images in zip(SIDES, images, strict=True):
-            cells = all_map_cells(side_images, *network.trunk)
+            cells = all_map_cells(side_images, *network.trunk, pooled=pooled)
             embeddings = {level: network.projector(cells[level]) for level in reversed(range(len(cells)))}
             counts = [len(level_images) for level_images in side_images[:embedded_levels]]
             per_map = [embeddings[level] for level in range(len(cells))]
@@ -84,10 +94,14 @@ class Joint:
     montages_in_target_batch: ClassVar[bool] = False
 
     def embed(
-        self, network: Network, images: list[list[torch.Tensor]], embedded_levels: int | None = None
+        self,
+        network: Network,
+        images: list[list[torch.Tensor]],
+        embedded_levels: int | None = None,
+        pooled: list[torch.Tensor] | None = None,
     ) -> BySideLevel:
         by_level = [torch.cat(level_images) for level_images in zip(*images, strict=True)]
-        cells = level_cells(by_level, *network.trunk, embedded_levels, head_per_level=False)
+        cells = level_cells(by_level, *network.trunk, embedded_levels, head_per_level=False, pooled=pooled)
         embeddings = network.projector(torch.cat(cells)).split([len(c) for c in cells])
         out: BySideLevel = {}
         for level, level_embeddings in enumerate(embeddings):

@@ -15,6 +15,7 @@ from mcl.methods.base import MultiLevelModule
 from mcl.methods.bn_groups import build_grouping
 from mcl.momentum import cosine_momentum, ema_update, make_target
 from mcl.montage import check_views
+from mcl.online_probe import LevelZeroFeatures, level_zero_features, train_probe
 from mcl.optimization import forward_batch_size
 from mcl.sides import SIDES, BySideLevel, SideMontages, cell_sources, montage_images
 
@@ -36,10 +37,11 @@ class MCL(MultiLevelModule):
     """Online network (backbone -> pyramid -> tile head -> projector -> per-level predictor) against an EMA target.
 
     A training batch is ``(views, labels)`` with ``views`` ``(B, 2, levels, C, H, W)``: for each augmentation side,
-    one view per level. Labels are ignored. ``loss`` is a :class:`~mcl.loss.MultiLevelContrastiveLoss` built for
-    ``levels`` (the ``loss`` config group: ``infonce``, ``byol``; :class:`~mcl.loss.MultiLevelInfoNCE` with its
-    defaults when ``None``): it holds the level weights, the temperature and the target assignment. Keyword arguments
-    not listed here go to :class:`MultiLevelModule`.
+    one view per level. The loss ignores the labels (only the online probe, ``online_probe=true``, reads them).
+    ``loss`` is a :class:`~mcl.loss.MultiLevelContrastiveLoss` built for ``levels`` (the ``loss`` config group:
+    ``infonce``, ``byol``; :class:`~mcl.loss.MultiLevelInfoNCE` with its defaults when ``None``): it holds the level
+    weights, the temperature and the target assignment. Keyword arguments not listed here go to
+    :class:`MultiLevelModule`.
 
     ``bn_groups`` chooses which samples share BatchNorm statistics (train mode) in the online and target passes:
 
@@ -134,24 +136,36 @@ class MCL(MultiLevelModule):
 
     # ------------------------------------------------------------------ passes
     def embed(
-        self, network: Network, images: list[list[torch.Tensor]], embedded_levels: int | None = None
+        self,
+        network: Network,
+        images: list[list[torch.Tensor]],
+        embedded_levels: int | None = None,
+        pooled: list[torch.Tensor] | None = None,
     ) -> BySideLevel:
         """Projector embeddings of every cell of ``images[side][level]`` ``(M, C, H, W)`` (montages, or plain views
-        at level 0), keyed by ``(side, level)``, grouped as ``bn_groups`` says (:mod:`mcl.methods.bn_groups`)."""
-        return self.grouping.embed(network, images, embedded_levels)
+        at level 0), keyed by ``(side, level)``, grouped as ``bn_groups`` says (:mod:`mcl.methods.bn_groups`);
+        ``pooled`` receives the level-0 images' detached pooled C5."""
+        return self.grouping.embed(network, images, embedded_levels, pooled)
 
-    def online_pass(self, montages: list[SideMontages]) -> BySideLevel:
+    def online_pass(self, montages: list[SideMontages], level_zero: LevelZeroFeatures | None = None) -> BySideLevel:
         """The online network on both sides' montages.
 
         Args:
             montages: ``montages[side]`` from :meth:`build_montages`: per level, ``(montages (M, C, H, W),
                 sources (M, 2**level, 2**level))``.
+            level_zero: for the online probe, receives the detached pooled C5 of both sides' level-0 montages (each
+                view once, whole) and their batch indices, side 0's first; ``None``: nothing is taken.
 
         Returns:
             ``{(side, level): predictions}`` for both sides and every level, ``(M * 4**level, embedding_dim)``: the
             level's predictor applied to every cell, in ``sources.flatten()`` order.
         """
-        return self.grouping.predict(self.predictors, self.embed(self.online, montage_images(montages)))
+        pooled = None
+        if level_zero is not None:
+            level_zero.sources.extend(side_montages[0][1].flatten() for side_montages in montages)
+            pooled = level_zero.pooled
+        embeddings = self.embed(self.online, montage_images(montages), pooled=pooled)
+        return self.grouping.predict(self.predictors, embeddings)
 
     @torch.no_grad()
     def target_pass(self, views: torch.Tensor, montages: list[SideMontages]) -> tuple[BySideLevel, BySideLevel | None]:
@@ -173,11 +187,14 @@ class MCL(MultiLevelModule):
         in_batch = self.grouping.montages_in_target_batch
         return self.loss.assignment.targets(embed, views, montages, montages_in_batch=in_batch)
 
-    def forward_losses(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and per-level logs for ``views`` ``(B, 2, levels, C, H, W)``."""
+    def forward_losses(
+        self, views: torch.Tensor, level_zero: LevelZeroFeatures | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and per-level logs for ``views`` ``(B, 2, levels, C, H, W)``; ``level_zero``: see
+        :meth:`online_pass`."""
         check_views(views, self.levels, self.image_size, self.view_mode)
         montages = [self.build_montages(views[:, side]) for side in SIDES]
-        predictions = self.online_pass(montages)
+        predictions = self.online_pass(montages, level_zero)
         targets, present = self.target_pass(views, montages)
         return self.loss(predictions, cell_sources(montages), targets, present)
 
@@ -198,9 +215,12 @@ class MCL(MultiLevelModule):
         super().setup(stage)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        views, _ = batch
-        loss, logs = self.forward_losses(views)
+        """The loss of the batch's views (its labels are read by the online probe only, when there is one)."""
+        views, labels = batch
+        level_zero = level_zero_features(self)
+        loss, logs = self.forward_losses(views, level_zero)
         self.log_loss(loss, logs)
+        train_probe(self, level_zero, labels)
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -21,6 +21,7 @@ from mcl.data.device import SourceBatch
 from mcl.loss import MultiLevelCrossEntropy
 from mcl.methods.base import VAL_LOADER, MultiLevelModule
 from mcl.montage import assemble_levels, check_views
+from mcl.online_probe import LevelZeroFeatures, level_zero_features, train_probe
 
 # What the classifier reads: every montage cell's tile-head feature, or the pooled C5 of whole views (levels=1).
 CLASSIFIER_INPUTS = ("tiles", "pooled_c5")
@@ -88,35 +89,52 @@ class SupervisedMultiLevel(MultiLevelModule):
             )
 
     def level_logits(
-        self, montages: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor
+        self,
+        montages: list[tuple[torch.Tensor, torch.Tensor]],
+        labels: torch.Tensor,
+        pooled: list[torch.Tensor] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per level, ``(logits (cells, num_classes), cell labels (cells,))`` for ``(montages, sources)`` pairs."""
+        """Per level, ``(logits (cells, num_classes), cell labels (cells,))`` for ``(montages, sources)`` pairs;
+        ``pooled`` receives the level-0 montages' detached pooled C5 (the online probe's input)."""
         if self.classifier_input == "pooled_c5":
             ((images, sources),) = montages
-            return [(self.classifier(self.backbone.forward_pooled(images)), assemble_labels(labels, sources).flatten())]
+            features = self.backbone.forward_pooled(images)
+            if pooled is not None:
+                pooled.append(features.detach())
+            return [(self.classifier(features), assemble_labels(labels, sources).flatten())]
         images = [level_images for level_images, _ in montages]
         if self.all_pyramid_maps:  # every map of every image, the head once per map (MultiLevelModule)
-            per_map = all_map_cells(images, self.backbone, self.neck, self.head)
+            per_map = all_map_cells(images, self.backbone, self.neck, self.head, pooled=pooled)
             features = own_cells(per_map, [len(level_images) for level_images in images])
         else:
-            features = level_cells(images, self.backbone, self.neck, self.head, head_per_level=False)
+            features = level_cells(images, self.backbone, self.neck, self.head, head_per_level=False, pooled=pooled)
         return [
             (self.classifier(cells), assemble_labels(labels, sources).flatten())
             for cells, (_, sources) in zip(features, montages, strict=True)
         ]
 
-    def forward_losses(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and per-level logs for ``views`` ``(B, levels, C, H, W)`` and ``labels`` ``(B,)``."""
+    def forward_losses(
+        self, views: torch.Tensor, labels: torch.Tensor, level_zero: LevelZeroFeatures | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and per-level logs for ``views`` ``(B, levels, C, H, W)`` and ``labels`` ``(B,)``;
+        ``level_zero``, for the online probe, receives the level-0 montages' detached pooled C5 and batch indices."""
         check_views(views, self.levels, self.image_size, self.view_mode)
         if self._trainer is None:  # in training, the datamodule had the labels checked on the host (check_host_batch)
             self.check_labels(labels)
-        logits, cell_labels = zip(*self.level_logits(self.build_montages(views), labels), strict=True)
+        montages = self.build_montages(views)
+        pooled = None
+        if level_zero is not None:
+            level_zero.sources.append(montages[0][1].flatten())
+            pooled = level_zero.pooled
+        logits, cell_labels = zip(*self.level_logits(montages, labels, pooled), strict=True)
         return self.loss(logits, cell_labels)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
-        loss, logs = self.forward_losses(views, labels)
+        level_zero = level_zero_features(self)
+        loss, logs = self.forward_losses(views, labels, level_zero)
         self.log_loss(loss, logs)
+        train_probe(self, level_zero, labels)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
