@@ -30,7 +30,6 @@ from mcl.resume import ConfiguredOptimizerOnResume
 
 # The validation loaders, in the order the datamodules return them: the labelled kNN bank, the validation split.
 BANK_LOADER, VAL_LOADER = 0, 1
-DEFAULT_LEVELS = 3
 # The progress bar's copy of train/loss, logged every log_every_n_steps steps (metrics.json leaves it out).
 PROGRESS_BAR_LOSS = "loss"
 
@@ -43,9 +42,8 @@ class MultiLevelModule(pl.LightningModule):
     Validation batches come from two loaders, the labelled kNN bank (``BANK_LOADER``) and the labelled validation
     split (``VAL_LOADER``); ``validation_step`` returns their pooled features for the kNN monitor.
 
-    ``all_pyramid_maps``: compute every pyramid map of every image, the tile head once per map over all of them
-    (:func:`~mcl.cells.all_map_cells`), as the released code does, instead of only the map each level reads
-    (:func:`~mcl.cells.level_cells`): the same cells, other BatchNorm statistics and cost (docs/parity.md).
+    ``all_pyramid_maps``: every pyramid map of every image through the tile head, as the released code does
+    (:func:`~mcl.cells.all_map_cells`; the same cells, other BatchNorm statistics and cost: docs/parity.md).
     ``channels_last`` and ``compile`` (:meth:`compile_networks` in ``setup("fit")``) change no value, key or file.
     ``online_probe``: a linear classifier on the detached pooled C5, with its own SGD (``online_probe_*``), trained
     on the labelled batches (:mod:`mcl.online_probe`; no part of the model's optimiser or gradients).
@@ -61,7 +59,7 @@ class MultiLevelModule(pl.LightningModule):
         backbone: dict[str, Any],
         neck: dict[str, Any],
         image_size: int = 64,
-        levels: int = DEFAULT_LEVELS,
+        levels: int = 3,
         montage_counts: str | Sequence[int] = "paper",
         downscale_mode: str = "nearest",
         head_convs: int = 4,
@@ -120,8 +118,7 @@ class MultiLevelModule(pl.LightningModule):
 
     # --------------------------------------------------------------------- loss
     def set_loss(self, loss: MultiLevelLoss | None, kind: type[MultiLevelLoss], choices: str) -> None:
-        """Take ``loss`` (``default_loss`` when ``None``) as ``self.loss`` once :func:`~mcl.loss.check_method_loss`
-        accepts it; its config joins the hyper-parameters (after ``save_hyperparameters(ignore=[..., "loss"])``)."""
+        """``loss`` (``default_loss`` when ``None``) as ``self.loss`` once checked; its config joins the hparams."""
         self.loss = check_method_loss(self.default_loss(self.levels) if loss is None else loss, kind, self, choices)
         self.save_hyperparameters({"loss": self.loss.config()})
 
@@ -152,8 +149,7 @@ class MultiLevelModule(pl.LightningModule):
         entry point ``forward_levels`` is not ``forward``, and its slicing by per-level counts would specialise."""
         return [module for module in (self.backbone, self.head) if module is not None]
 
-    def compile_networks(self) -> None:
-        """Compile the :meth:`compiled_modules` in place (:func:`~mcl.compiling.compile_in_place`)."""
+    def compile_networks(self) -> None:  # in place (mcl.compiling.compile_in_place)
         compile_in_place(self.compiled_modules(), *self.compile_settings)
 
     def setup(self, stage: str) -> None:
@@ -162,8 +158,7 @@ class MultiLevelModule(pl.LightningModule):
             self.compile_networks()
 
     # -------------------------------------------------------------- validation
-    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen-backbone features for the kNN monitor: pooled C5, ``(B, C5)``."""
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:  # (B, C5): what the kNN monitor compares
         return self.backbone.forward_pooled(images)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
@@ -171,8 +166,7 @@ class MultiLevelModule(pl.LightningModule):
         return self.pooled_features(batch[0])
 
     # ------------------------------------------------------------------ training
-    def configure_optimizers(self) -> dict[str, Any]:
-        """The model's optimiser and schedule; the online probe's parameters are not in it (it has its own)."""
+    def configure_optimizers(self) -> dict[str, Any]:  # the online probe has its own optimiser
         return self.optimizer_setup.configure(self, self.trainer, exclude=(PROBE_NAME,))
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -180,13 +174,11 @@ class MultiLevelModule(pl.LightningModule):
         return [self.knn_monitor, self.divergence_guard, ConfiguredOptimizerOnResume(self.optimizer_setup), *probe]
 
     def update_target(self, momentum: float) -> None:
-        """What follows each optimiser step: a method with a momentum target moves it towards the online network
-        (:meth:`MCL.update_target <mcl.methods.MCL.update_target>`); the others have nothing to do."""
+        """After each optimiser step: a momentum target moves towards the online network (``MCL``); else nothing."""
 
     def log_loss(self, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
-        """Log the step's loss and its parts, and hand the loss to the divergence guard. Lightning reads progress-bar
-        values on the host at every step, so the bar's ``loss`` is a host copy taken every ``log_every_n_steps``
-        steps, and ``train/*`` go to the loggers only."""
+        """Log the step's loss and parts (``train/*``, loggers only) and hand the loss to the divergence guard; the
+        progress bar's ``loss`` is a host copy taken every ``log_every_n_steps`` steps (Lightning reads it often)."""
         self.divergence_guard.see_loss(loss)
         self.log("train/loss", loss)
         self.log_dict({f"train/{name}": value for name, value in logs.items()})
