@@ -130,8 +130,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, monk
     cfg = tiny_cfg("validate_at_init=false", "trainer.max_epochs=2")
     original = MCL.forward_losses
 
-    def poisoned(self, views):
-        loss, logs = original(self, views)
+    def poisoned(self, views, level_zero=None):
+        loss, logs = original(self, views, level_zero)
         return (loss * float("nan") if self.current_epoch == 1 else loss), logs
 
     monkeypatch.setattr(MCL, "forward_losses", poisoned)
