@@ -177,24 +177,19 @@ def train_two_ranks(folder, *extra: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_ddp_training_through_the_cli(tmp_path):
-    """trainer.sync_batchnorm=true converts every BatchNorm to mcl.syncbn's, which runs on the CPU (gloo). The ranks
-    end with the same running statistics too: DDP broadcasts rank 0's buffers before each forward, but each rank then
-    updates its own, from its own batch unless BatchNorm is synchronised (with sync_batchnorm=false they differ)."""
-    for saved in train_two_ranks(tmp_path):
-        assert list(saved["norms"]) == ["SyncBatchNorm"]
-
-
-@pytest.mark.slow
-def test_compiled_ddp_training_with_the_online_probe_through_the_cli(tmp_path):
-    """method.compile=true under DDP with synchronised BatchNorm: the compiled networks (backbones, heads,
-    projectors, predictors) trace without a graph break, and the ranks end with the same state. The backend is
+def test_ddp_training_through_the_cli_with_sync_batchnorm_compile_and_the_online_probe(tmp_path):
+    """DDP through the CLI. trainer.sync_batchnorm=true converts every BatchNorm to mcl.syncbn's, which runs on the CPU
+    (gloo), and the ranks end with the same weights and running statistics: DDP broadcasts rank 0's buffers before
+    each forward, but each rank then updates its own, from its own batch unless BatchNorm is synchronised. With
+    method.compile=true the compiled networks (backbones, heads, projectors, predictors) trace without a graph break
+    (eager DDP training runs in test_ranks and test_syncbn). The backend is
     aot_eager: dynamo traces and AOT autograd builds the backward graphs as with inductor, and the graph breaks are
     the same, but no C++ code is generated (minutes on 2 cores). The online probe rides along: DDP leaves its
     parameters out and it averages their gradients itself, so the ranks end with the same probe too (every weight is
     compared by train_two_ranks); it is outside the compiled modules."""
     overrides = ("method.compile=true", "method.compile_backend=aot_eager", "method.online_probe=true")
     for saved in train_two_ranks(tmp_path, *overrides):
+        assert list(saved["norms"]) == ["SyncBatchNorm"]
         assert saved["graph_breaks"] == 0 and saved["graphs"] >= 9  # 9 compiled modules, one graph each at least
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["state_dict"]["online_probe.classifier.weight"].abs().sum() > 0

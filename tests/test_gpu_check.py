@@ -59,7 +59,7 @@ def test_environment_reports_the_machine_and_the_trainers_cudnn_setting(quick):
 def test_device_views_and_their_share_of_a_step(quick):
     views = quick[1]["parts"]["device_views"]
     assert positive(views["ms_per_batch"]) and positive(views["source_images_per_s"])
-    assert views["views"] == "(8, 2, 3, 3, 64, 64)"
+    assert views["views"] == "(8, 2, 3, 3, 32, 32)"
     assert 0 < views["share_of_training_step"] < 1
 
 

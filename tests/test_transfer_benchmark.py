@@ -64,11 +64,8 @@ def test_quick_semantic_transfer_fine_tunes_a_segmenter_from_the_cached_pretrain
     """``--task semantic``: the same rows and pretraining seeds (their cached pretrainings and probes reused), a
     semantic-FPN segmenter fine-tuned per seed, mIoU per row with its gap to random init, IoU per class."""
     pretrainings = sorted(path.name for path in quick_runs.glob("pretrain_*"))
-    command = [
-        sys.executable, str(SCRIPT), "--quick", "--task", "semantic", "--lrs", "0.02", "--runs", str(quick_runs),
-        "--results", str(tmp_path),
-    ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    arguments = ["--quick", "--task", "semantic", "--lrs", "0.02", "--jobs", "1", "--runs", str(quick_runs)]
+    importlib.import_module("benchmarks.transfer").main([*arguments, "--results", str(tmp_path)])  # in this process
     assert sorted(path.name for path in quick_runs.glob("pretrain_*")) == pretrainings  # nothing pretrained anew
     summary = json.loads((tmp_path / "transfer_quick_semantic.json").read_text())
     assert summary["settings"]["task"] == "semantic" and summary["settings"]["arch"] == "semantic_fpn"
@@ -88,12 +85,13 @@ def test_quick_semantic_transfer_fine_tunes_a_segmenter_from_the_cached_pretrain
     assert not (tmp_path / "claims_quick_semantic.md").exists()
 
 
-def test_quick_c4_transfer_fine_tunes_mask_rcnn_c4_from_the_interp_neck(tmp_path):
+def test_quick_c4_transfer_fine_tunes_mask_rcnn_c4_from_the_interp_neck(tmp_path, quick_runs):
     """``--arch maskrcnn_c4``: the C4 detector for every row, res5 trained (``--frozen-stages 4`` by default), box and
-    mask AP per row; the interp pretraining row reads C4 at the benchmark's 32 px."""
+    mask AP per row; the interp pretraining row reads C4 at the benchmark's 32 px. The canvases and the random-init
+    probes come from the shared cache."""
     command = [
         sys.executable, str(SCRIPT), "--quick", "--arch", "maskrcnn_c4", "--rows", "MCL, 3 levels, interp C4",
-        "--lrs", "0.02", "--seeds", "1", "--pretrain-seeds", "1", "--runs", str(tmp_path / "runs"),
+        "--lrs", "0.02", "--seeds", "1", "--pretrain-seeds", "1", "--runs", str(quick_runs),
         "--results", str(tmp_path), "--tag", "c4",
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, text=True)
@@ -106,8 +104,8 @@ def test_quick_c4_transfer_fine_tunes_mask_rcnn_c4_from_the_interp_neck(tmp_path
         # res4 frozen as loaded, res5 (the box head) trained; no FPN in a C4 detector.
         assert run["weights"]["res4"]["relative_move"] == 0 and run["weights"]["box_head"]["relative_move"] > 0
         assert "fpn" not in run["weights"] and "res5" not in run["weights"]
-    runs = sorted(path.name for path in (tmp_path / "runs").iterdir() if path.name.startswith("finetune"))
-    assert len(runs) == 2 and all(name.startswith("finetune_maskrcnn_c4_") for name in runs)
+    runs = sorted(path.name for path in quick_runs.iterdir() if path.name.startswith("finetune_maskrcnn_c4_"))
+    assert len(runs) == 2
     table = (tmp_path / "transfer_c4.md").read_text()
     assert "Mask R-CNN R18-C4" in table and "| mask AP | mask vs random init |" in table
     assert "res5 (the RoI head, starting from the loaded res5), RPN and predictors trained" in table
