@@ -111,13 +111,22 @@ class DetectionModule(pl.LightningModule):
             self.log(f"val/{name}", evaluation["bbox"][name])
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        milestones = [int(fraction * total) for fraction in self.milestones]
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: step_schedule(step, min(self.warmup_steps, total), milestones)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return step_schedule_optimizers(self, self.optimizer_factory, self.milestones, self.warmup_steps)
+
+
+def step_schedule_optimizers(
+    module: pl.LightningModule, optimizer_factory: Callable[..., torch.optim.Optimizer], milestones: list[float],
+    warmup_steps: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The fine-tuning optimiser over ``module``'s trainable parameters and its per-step :func:`step_schedule`
+    (``milestones``: fractions of the Trainer's steps)."""
+    optimizer = optimizer_factory([p for p in module.parameters() if p.requires_grad])
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    steps = [int(fraction * total) for fraction in milestones]
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: step_schedule(step, min(warmup_steps, total), steps)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 # Parts of an R-CNN whose weights are reported apart by weight_report: name -> parameter-name prefix.
@@ -139,15 +148,20 @@ def conv_weights(detector: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in detector.named_parameters() if p.ndim >= 2}
 
 
-def weight_report(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Per detector part: the conv/linear weight norm when fine-tuning started and ended, and how far the weights
-    moved relative to where they started (``||w_end - w_start|| / ||w_start||``).
+def weight_report(
+    start: dict[str, torch.Tensor],
+    end: dict[str, torch.Tensor],
+    parts: dict[str, str | tuple[str, ...]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per part of ``parts`` (name -> parameter-name prefix or prefixes; default :data:`DETECTOR_PARTS`): the
+    conv/linear weight norm when fine-tuning started and ended, and how far the weights moved relative to where they
+    started (``||w_end - w_start|| / ||w_start||``).
 
     A conv followed by BatchNorm is scale-invariant, so its effective step is ``lr / ||w||^2``: weights loaded with
     a norm k times the random initialisation's move k^2 times less for the same learning rate.
     """
     report = {}
-    for part, prefix in DETECTOR_PARTS.items():
+    for part, prefix in (parts or DETECTOR_PARTS).items():
         names = [name for name in start if name.startswith(prefix)]
         if not names:
             continue
@@ -208,6 +222,31 @@ def check_annotation_files(data: DictConfig) -> None:
     )
 
 
+def fit_and_evaluate(
+    cfg: DictConfig, module: pl.LightningModule, network: torch.nn.Module, train_set, val_set, collate_fn=None
+) -> tuple[dict[str, Any], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Fit ``module`` on ``train_set``, validating on ``val_set`` (``cfg.data`` loaders, ``cfg.detection_schedule``
+    epochs, resumed from ``cfg.ckpt_path``); rank 0 writes ``metrics.json`` and the module's ``last_evaluation`` as
+    ``evaluation.json``. Returns the scalar metrics and ``network``'s conv weights before and after (for
+    :func:`weight_report`)."""
+    loader = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate_fn)
+    start_weights = conv_weights(network)
+    trainer = instantiate_trainer(cfg, max_epochs=cfg.detection_schedule.max_epochs)
+    with closing_loggers(trainer):
+        trainer.fit(
+            module,
+            DataLoader(train_set, shuffle=True, drop_last=True, **loader),
+            DataLoader(val_set, **loader),
+            ckpt_path=cfg.get("ckpt_path"),
+        )
+    metrics: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
+    if trainer.is_global_zero:
+        save_metrics(metrics, cfg.output_dir)
+        output = Path(cfg.output_dir) / "evaluation.json"
+        output.write_text(json.dumps(module.last_evaluation, indent=1))
+    return metrics, (start_weights, conv_weights(network))
+
+
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Build, load, fine-tune and evaluate; returns ``val/AP``-style metrics and ``ap_by_iou`` (per IoU threshold)."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -227,10 +266,6 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.pretrained:
         missing = load_pretrained(detector, cfg.model.arch, cfg.model.pretrained)
         log.info("loaded %s; %d keys left to the detector: %s", cfg.model.pretrained, len(missing), missing[:8])
-    drop = bool(cfg.data.get("drop_degenerate_boxes", False))
-    train_set = CocoDetection(cfg.data.train_images, cfg.data.train_annotations, masks, True, drop)
-    val_set = CocoDetection(cfg.data.val_images, cfg.data.val_annotations, masks, drop_degenerate_boxes=drop)
-    loader = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
     module = DetectionModule(
         detector,
         hydra.utils.instantiate(cfg.optimizer),
@@ -241,22 +276,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     module.coco = val_set.coco
     if cfg.get("evaluation", {}).get("area_thirds", False):
         module.area_ranges = area_thirds(val_set.coco)
-    start_weights = conv_weights(detector)
-    trainer = instantiate_trainer(cfg, max_epochs=cfg.detection_schedule.max_epochs)
-    with closing_loggers(trainer):
-        trainer.fit(
-            module,
-            DataLoader(train_set, shuffle=True, drop_last=True, **loader),
-            DataLoader(val_set, **loader),
-            ckpt_path=cfg.get("ckpt_path"),
-        )
-    metrics: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
-    if trainer.is_global_zero:
-        save_metrics(metrics, cfg.output_dir)
-        output = Path(cfg.output_dir) / "evaluation.json"
-        output.write_text(json.dumps(module.last_evaluation, indent=1))
+    metrics, weights = fit_and_evaluate(cfg, module, detector, train_set, val_set, collate)
     metrics["ap_by_iou"] = module.last_evaluation.get("bbox", {}).get("ap_by_iou", {})
-    metrics["weights"] = weight_report(start_weights, conv_weights(detector))
+    metrics["weights"] = weight_report(*weights)
     if module.area_ranges:
         metrics["area_ranges"] = module.area_ranges
     return metrics

@@ -4,11 +4,9 @@ SemanticCoco`, evaluated by mIoU, pixel accuracy and per-class IoU (torchmetrics
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -16,19 +14,23 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from mcl.checkpoints import check_checkpoint_kind, load_checkpoint
-from mcl.detection.finetune import check_annotation_files, num_classes_of, step_schedule
-from mcl.runtime import closing_loggers, instantiate_trainer, save_metrics, scalar_metrics
+from mcl.detection.finetune import (
+    check_annotation_files,
+    fit_and_evaluate,
+    num_classes_of,
+    step_schedule_optimizers,
+    weight_report,
+)
 from mcl.segmentation.data import BACKGROUND, IGNORE_INDEX, SemanticCoco
 from mcl.segmentation.models import build_segmenter
 from mcl.segmentation.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
-# Parts whose weights weight_report compares (name -> parameter-name prefix), for both architectures.
+# Parts whose weights weight_report compares (name -> parameter-name prefixes), for both architectures.
 SEGMENTER_PARTS = {
     "stem": ("backbone.body.conv1.", "backbone.conv1."),
     "res2": ("backbone.body.layer1.", "backbone.layer1."),
@@ -102,29 +104,7 @@ class SegmentationModule(pl.LightningModule):
         }
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        milestones = [int(fraction * total) for fraction in self.milestones]
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: step_schedule(step, min(self.warmup_steps, total), milestones)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def segmenter_weight_report(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Per part of :data:`SEGMENTER_PARTS`: the conv weight norm at the start and how far fine-tuning moved it."""
-    report = {}
-    for part, prefixes in SEGMENTER_PARTS.items():
-        names = [name for name in start if name.startswith(prefixes)]
-        if names:
-            norm = torch.sqrt(sum(start[n].double().pow(2).sum() for n in names))
-            moved = torch.sqrt(sum((end[n].double() - start[n].double()).pow(2).sum() for n in names))
-            report[part] = {"norm_start": float(norm), "relative_move": float(moved / norm)}
-    return report
-
-
-def conv_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in module.named_parameters() if p.ndim >= 2}
+        return step_schedule_optimizers(self, self.optimizer_factory, self.milestones, self.warmup_steps)
 
 
 def metric_name(name: str) -> str:
@@ -173,20 +153,7 @@ def finetune_semantic(cfg: DictConfig) -> dict[str, Any]:
         cfg.detection_schedule.warmup_steps,
         class_names_of(train_set, num_classes),
     )
-    loader = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
-    start_weights = conv_weights(segmenter)
-    trainer = instantiate_trainer(cfg, max_epochs=cfg.detection_schedule.max_epochs)
-    with closing_loggers(trainer):
-        trainer.fit(
-            module,
-            DataLoader(train_set, shuffle=True, drop_last=True, **loader),
-            DataLoader(val_set, **loader),
-            ckpt_path=cfg.get("ckpt_path"),
-        )
-    metrics: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
-    if trainer.is_global_zero:
-        save_metrics(metrics, cfg.output_dir)
-        (Path(cfg.output_dir) / "evaluation.json").write_text(json.dumps(module.last_evaluation, indent=1))
+    metrics, weights = fit_and_evaluate(cfg, module, segmenter, train_set, val_set)
     metrics["IoU"] = module.last_evaluation.get("IoU", {})
-    metrics["weights"] = segmenter_weight_report(start_weights, conv_weights(segmenter))
+    metrics["weights"] = weight_report(*weights, parts=SEGMENTER_PARTS)
     return metrics
