@@ -31,17 +31,23 @@ def load_pretrained(detector: nn.Module, arch: str, weights: str | Path) -> list
     kind = check_checkpoint_kind(state, path, ("pretraining", "export"), "mcl-finetune model.pretrained")
     if kind == "pretraining":
         state = EXPORTERS[EXPORT_FORMAT[arch]](state["state_dict"], state["hyper_parameters"])
+    shape_hint = "pretrain (or export) with the backbone the detector uses (model.backbone)"
+    keys_hint = f"export it with --format {EXPORT_FORMAT[arch]} from a checkpoint with the same backbone"
+    return load_fitting(detector, state, path, arch, shape_hint, keys_hint)
+
+
+def load_fitting(module: nn.Module, state: dict, path: Path, arch: str, shape_hint: str, keys_hint: str) -> list[str]:
+    """Load ``state`` (read from ``path``) into ``module`` non-strictly and return the missing keys; tensors of other
+    shapes or keys ``module`` lacks mean the weights were made for another architecture: an error naming the file,
+    ``arch`` and what to do (``shape_hint``, ``keys_hint``)."""
     try:
-        result = detector.load_state_dict(state, strict=False)
+        result = module.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches: another backbone depth or width
         mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
         raise ValueError(
             f"{path} does not fit {arch}: {len(mismatches)} tensors have other shapes, e.g. {mismatches[:2]}; "
-            "pretrain (or export) with the backbone the detector uses (model.backbone)"
+            f"{shape_hint}"
         ) from error
     if result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not fit {arch}: unexpected keys {result.unexpected_keys[:5]}...; "
-            f"export it with --format {EXPORT_FORMAT[arch]} from a checkpoint with the same backbone"
-        )
+        raise ValueError(f"{path} does not fit {arch}: unexpected keys {result.unexpected_keys[:5]}...; {keys_hint}")
     return list(result.missing_keys)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mcl.checkpoints import check_checkpoint_kind, load_checkpoint
+from mcl.detection.pretrained import load_fitting
 from mcl.export import EXPORTERS
 
 # Where each segmenter keeps the ResNet, and whether it has the FPN (under backbone.fpn, as the R-CNNs).
@@ -40,17 +41,6 @@ def load_pretrained(segmenter: nn.Module, arch: str, weights: str | Path) -> lis
     loaded = {RESNET_PREFIX[arch] + key: value for key, value in resnet.items()}
     if arch == "semantic_fpn":
         loaded.update(fpn)
-    try:
-        result = segmenter.load_state_dict(loaded, strict=False)
-    except RuntimeError as error:  # shape mismatches: another backbone depth or FPN width
-        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
-        raise ValueError(
-            f"{path} does not fit {arch}: {len(mismatches)} tensors have other shapes, e.g. {mismatches[:2]}; "
-            "fine-tune with the pretraining's backbone (model.backbone) and neck width (model.fpn_channels)"
-        ) from error
-    if result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not fit {arch}: unexpected keys {result.unexpected_keys[:5]}; export it with --format "
-            "fasterrcnn_v2 or torchvision from a ResNet checkpoint"
-        )
-    return list(result.missing_keys)
+    shape_hint = "fine-tune with the pretraining's backbone (model.backbone) and neck width (model.fpn_channels)"
+    keys_hint = "export it with --format fasterrcnn_v2 or torchvision from a ResNet checkpoint"
+    return load_fitting(segmenter, loaded, path, arch, shape_hint, keys_hint)
