@@ -146,7 +146,7 @@ GPU_PLAN = Plan(
     ddp_timeout_s=240,
     compile_backend="inductor",
 )
-# Every part at tiny sizes (32 px views, as the transfer benchmark's pretraining): about 1.5 minutes on 2 CPU cores.
+# Every part at tiny sizes (32 px views, as the transfer benchmark's pretraining): about 1 minute on 2 CPU cores.
 QUICK_PLAN = Plan(
     backbone="resnet18",
     image_size=32,
@@ -408,15 +408,19 @@ class LaunchProfile(StepWindow):
 
     def close(self) -> None:
         self._profile.__exit__(None, None, None)
-        events = self._profile.key_averages()
+        # Kineto's raw events, counted by name: key_averages() would first build a Python event per record (seconds
+        # per run on the CPU; its counts differ by a few ops in a thousand).
+        events = self._profile.profiler.kineto_results.events()
+        names = Counter(event.name() for event in events)
         kernels = sum(
-            e.count for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith(("Memcpy", "Memset"))
+            event.device_type() == DeviceType.CUDA and not event.name().startswith(("Memcpy", "Memset"))
+            for event in events
         )
         steps = max(1, self.steps)
         self.counts = {
-            "kernel_launches_per_step": sum(e.count for e in events if e.key in LAUNCH_CALLS) / steps,
+            "kernel_launches_per_step": sum(names[call] for call in LAUNCH_CALLS) / steps,
             "gpu_kernels_per_step": kernels / steps,
-            "aten_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) / steps,
+            "aten_ops_per_step": sum(count for name, count in names.items() if name.startswith("aten::")) / steps,
         }
 
 

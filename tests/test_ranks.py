@@ -16,7 +16,7 @@ from mcl.methods.mcl import MCL
 from mcl.montage_streams import GENERATOR_STATES, montage_seed
 from mcl.train import train
 
-from .conftest import SMALL_MCL, TINY, WORLD, compose_train, free_port, join, small_trunk, spawn
+from .conftest import SMALL_MCL, TINY, WORLD, compose_train, join, small_trunk, spawn
 
 
 def shuffle_worker(rank: int, port: int, results) -> None:
@@ -101,8 +101,7 @@ def ddp_worker(rank: int, port: int, results, folder: str, extra: list[str]) -> 
 
 def run_two_ranks(folder, *extra: str) -> list[dict]:
     folder.mkdir()
-    port = free_port()
-    torch.multiprocessing.spawn(ddp_worker, args=(port, None, str(folder), list(extra)), nprocs=WORLD, join=True)
+    spawn(ddp_worker, str(folder), list(extra))
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
