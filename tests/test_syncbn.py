@@ -150,7 +150,7 @@ def two_rank_worker(rank: int, port: int, results) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks() -> dict:
-    """What each of the two ranks measured: one spawn serves every test that needs them (ranks start from the session's fork server, conftest.spawn)."""
+    """What each of the two ranks measured: one start serves every test that needs them (conftest.spawn)."""
     return spawn(two_rank_worker)
 
 
