@@ -91,17 +91,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# Ranks start from a fork server that has imported the heavy modules once per session: a spawned rank would import
-# them again (~10 s a test on 2 cores), and a fork of the test process itself can hang in its OpenMP pool.
-PRELOADED = ["torch", "torch.distributed", "pytorch_lightning", "hydra", "timm", "mcl.methods", "mcl.train"]
-mp.set_forkserver_preload(PRELOADED)
+# Ranks start from a fork server that has imported mcl.train (torch, Lightning, Hydra, timm, every method) once per
+# session: a spawned rank would import them again (~10 s a test on 2 cores), and a fork of the test process itself
+# can hang in its OpenMP pool.
+mp.set_forkserver_preload(["mcl.train"])
 
 
 def spawn(function, *args) -> dict:
     """Run ``function(rank, port, results, *args)`` in ``WORLD`` processes; returns what they put in ``results``."""
     results = mp.Manager().dict()
-    start = mp.start_processes
-    start(function, args=(free_port(), results, *args), nprocs=WORLD, join=True, start_method="forkserver")
+    arguments = (free_port(), results, *args)
+    mp.start_processes(function, args=arguments, nprocs=WORLD, join=True, start_method="forkserver")
     return dict(results)
 
 
